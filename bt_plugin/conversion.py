@@ -1,0 +1,152 @@
+"""Walk a model, swap its encoder layers for fused ones, and undo it.
+
+Conversion never copies a weight: the fused QKV tensor *is* the storage of q/k/v (their
+Parameters are re-pointed into it), every other tensor is read from the live submodules.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from bt_plugin import kernels, registry
+from bt_plugin.eligibility import kernel_reason, structure_reason
+from bt_plugin.layer import FusedLayer, LayerStats, Stack, fused_class_for, fused_qkv, unfuse_qkv
+from bt_plugin.spec import EncoderSpec
+
+logger = logging.getLogger("bt_plugin")
+
+
+@dataclass
+class PlannedLayer:
+    path: str
+    layer: nn.Module
+    stack: list[nn.Module]
+    reason: str | None
+
+
+@dataclass
+class Plan:
+    """What `convert` would do to a model: its spec, kernel, and a reason per layer."""
+
+    spec: EncoderSpec | None
+    kernel: str
+    reason: str | None = None
+    layers: list[PlannedLayer] = field(default_factory=list)
+
+
+def _model_device_type(model: nn.Module) -> str:
+    param = next(model.parameters(), None)
+    return param.device.type if param is not None else "cpu"
+
+
+def plan(model: nn.Module, kernel: str = "auto") -> Plan:
+    """Decide, without changing anything, which layers can be fused and why the others cannot."""
+    kernels.check_kernel_name(kernel)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    concrete = kernels.resolve_kernel_name(kernel, _model_device_type(model))
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        return Plan(None, concrete, "the model has no transformers config.model_type (not a transformers model)")
+    spec = registry.spec_for_model_type(model_type)
+    if spec is None:
+        supported = ", ".join(registry.supported_model_types())
+        return Plan(None, concrete, f"model_type {model_type!r} is not supported (supported: {supported})")
+    result = Plan(spec, concrete, spec.config_reason(config))
+    if result.reason:
+        return result
+    classes = spec.resolve_layer_classes()
+    for path, stack in _layer_lists(model, classes):
+        for index, layer in enumerate(stack):
+            reason = structure_reason(layer, spec) or kernel_reason(layer, spec, kernels.get_kernel(concrete))
+            result.layers.append(PlannedLayer(f"{path}.{index}", layer, list(stack), reason))
+    if not result.layers:
+        names = ", ".join(c.__name__ for c in classes) or ", ".join(spec.layer_classes)
+        result.reason = f"no list of {names} layers was found in {type(model).__name__}"
+    return result
+
+
+def _layer_lists(model: nn.Module, classes: tuple[type, ...]):
+    if not classes:
+        return
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and all(isinstance(m, classes) for m in module):
+            yield path, module
+
+
+def convert(model: nn.Module, *, kernel: str = "auto", strict: bool = True) -> nn.Module:
+    """Swap a transformers model's encoder layers for fused layers, in place.
+
+    Args:
+        model: A transformers model (e.g. `BertModel`, `AutoModelForSequenceClassification`).
+        kernel: `"auto"` (by device) or a kernel name; an unknown name raises `ValueError`.
+        strict: Raise `ValueError` with the reason when the model cannot be converted; when
+            False (the zero-code path) log a warning and return the model unchanged.
+
+    Returns:
+        The same model object, converted. Converting twice is a no-op.
+
+    Example:
+        ```python
+        >>> import bt_plugin
+        >>> model = bt_plugin.convert(BertModel(config).eval())
+        >>> bt_plugin.is_converted(model)
+        True
+        ```
+    """
+    result = plan(model, kernel)
+    converted = sum(isinstance(p.layer, FusedLayer) for p in result.layers)
+    todo = [p for p in result.layers if p.reason is None and not isinstance(p.layer, FusedLayer)]
+    if result.reason or (not todo and not converted):
+        reason = result.reason or next(p.reason for p in result.layers if p.reason)
+        if strict:
+            raise ValueError(f"bt_plugin cannot convert {type(model).__name__}: {reason}")
+        logger.warning("bt_plugin left %s stock: %s", type(model).__name__, reason)
+        return model
+    stacks: dict[int, Stack] = {}
+    for planned in todo:
+        stack = stacks.setdefault(id(planned.stack[0]), Stack(planned.stack))
+        _swap(planned.layer, result.spec, result.kernel, stack)
+    model.__dict__["_bt_plugin"] = {"spec": result.spec.name, "kernel": result.kernel}
+    total = len(result.layers)
+    fused = converted + len(todo)
+    logger.info("%s: %d/%d layers fused (%s)", type(model).__name__, fused, total, result.kernel)
+    for planned in result.layers:
+        if planned.reason:
+            logger.debug("%s: %s stays stock: %s", type(model).__name__, planned.path, planned.reason)
+    return model
+
+
+def _swap(layer: nn.Module, spec: EncoderSpec, kernel: str, stack: Stack) -> None:
+    layer.__class__ = fused_class_for(type(layer), spec)
+    layer.__dict__.update(_bt_kernel=kernel, _bt_stack=stack, _bt_stats=LayerStats())
+    fused_qkv(layer)  # q/k/v now live in one [3E, E] storage: no weight is held twice
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Restore the stock layer classes (same module and parameter objects), in place.
+
+    Example:
+        ```python
+        >>> bt_plugin.revert(model)
+        >>> bt_plugin.is_converted(model)
+        False
+        ```
+    """
+    for module in model.modules():
+        if isinstance(module, FusedLayer):
+            unfuse_qkv(module)
+            for key in [k for k in module.__dict__ if k.startswith("_bt_")]:
+                del module.__dict__[key]
+            module.__class__ = type(module)._bt_stock_class
+    model.__dict__.pop("_bt_plugin", None)
+    return model
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether any layer of `model` is a fused layer."""
+    return any(isinstance(module, FusedLayer) for module in model.modules())

@@ -1,0 +1,109 @@
+"""Why a layer or a call cannot take the fused path: each check returns a reason string or None.
+
+Reasons read `<what> was <value>` (as PyTorch's `why_not_sparsity_fast_path`) and are kept:
+`explain()` shows them. Static reasons are found once at conversion; call reasons every call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bt_plugin.activations import activation_name
+from bt_plugin.compat import is_transformers_capture_hook, recorded_outputs
+from bt_plugin.spec import EncoderSpec, resolve_path
+
+_LINEARS = ("query", "key", "value", "out_proj", "linear1", "linear2")
+_NORMS = ("norm1", "norm2")
+_UNSERVED_KWARGS = ("encoder_hidden_states", "cache", "past_key_values", "past_key_value", "layer_past")
+
+
+def structure_reason(layer: nn.Module, spec: EncoderSpec) -> str | None:
+    """Whether the layer still has the structure the spec describes (exact module types, shapes)."""
+    try:
+        modules = {role: resolve_path(layer, getattr(spec, role)) for role in _LINEARS + _NORMS + ("activation",)}
+        num_heads = int(resolve_path(layer, spec.num_heads))
+    except AttributeError as error:
+        return f"the layer no longer matches the {spec.name} spec ({error})"
+    for role in _LINEARS:
+        if type(modules[role]) is not nn.Linear:
+            return f"{getattr(spec, role)} was {_type_name(modules[role])}, not torch.nn.Linear (an adapter?)"
+    for role in _NORMS:
+        norm = modules[role]
+        if type(norm) is not nn.LayerNorm or norm.weight is None or norm.bias is None:
+            return f"{getattr(spec, role)} was {_type_name(norm)}, not an affine torch.nn.LayerNorm"
+    embed = modules["out_proj"].out_features
+    if num_heads <= 0 or embed % num_heads:
+        return f"num_heads was {num_heads}, which does not divide hidden size {embed}"
+    for role in ("query", "key", "value", "out_proj"):
+        if tuple(modules[role].weight.shape) != (embed, embed):
+            return f"{getattr(spec, role)} had weight shape {tuple(modules[role].weight.shape)}, expected ({embed}, {embed})"
+    return None
+
+
+def kernel_reason(layer: nn.Module, spec: EncoderSpec, kernel) -> str | None:
+    """Why `kernel` can never serve this layer's structure (activation, heads, eps, biases)."""
+    linears = [resolve_path(layer, getattr(spec, role)) for role in _LINEARS]
+    norm1, norm2 = resolve_path(layer, spec.norm1), resolve_path(layer, spec.norm2)
+    return kernel.static_reason(
+        activation=activation_name(resolve_path(layer, spec.activation)),
+        num_heads=int(resolve_path(layer, spec.num_heads)),
+        norm1_eps=norm1.eps,
+        norm2_eps=norm2.eps,
+        has_biases=all(linear.bias is not None for linear in linears),
+    )
+
+
+def call_reason(hidden, args: tuple, kwargs: dict, mask_index: int) -> str | None:
+    """Reasons that hold for every layer of this call: recording, grad inputs, autocast, tracing."""
+    if type(hidden) is not torch.Tensor:
+        return f"hidden states were a {type(hidden).__name__}, not a plain torch.Tensor"
+    if torch.compiler.is_compiling():
+        return "torch.compile was tracing the model"
+    recorded = recorded_outputs() - {"hidden_states"}
+    if recorded:
+        return f"the call recorded {', '.join(sorted(recorded))} (output_attentions=True)"
+    if hidden.dim() != 3:
+        return f"hidden states had {hidden.dim()} dimensions, expected 3"
+    if torch.is_autocast_enabled(hidden.device.type):
+        return f"autocast was enabled on {hidden.device.type}"
+    for name in _UNSERVED_KWARGS:
+        if kwargs.get(name) is not None:
+            return f"{name} was passed (only encoder self-attention is fused)"
+    for position, value in enumerate(args, start=1):
+        if position != mask_index and value is not None:
+            return f"positional argument {position} was passed ({type(value).__name__})"
+    return None
+
+
+def layer_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor, kernel) -> str | None:
+    """Reasons that belong to one layer: mode, grad, hooks, replaced modules, dtype/device."""
+    if layer.training:
+        return "the layer was in training mode (model.train())"
+    if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in layer.parameters())):
+        return "grad was enabled and parameters require grad (use torch.inference_mode() or torch.no_grad())"
+    reason = hook_reason(layer) or structure_reason(layer, spec) or kernel.input_reason(hidden)
+    if reason:
+        return reason
+    weight = resolve_path(layer, spec.out_proj).weight
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        return f"weights were {weight.dtype} on {weight.device}, hidden states {hidden.dtype} on {hidden.device}"
+    return kernel_reason(layer, spec, kernel)
+
+
+def hook_reason(layer: nn.Module) -> str | None:
+    """User forward (pre-)hooks on the layer or its submodules; transformers' recorders don't count."""
+    from torch.nn.modules import module as module_impl
+
+    if module_impl._global_forward_hooks or module_impl._global_forward_pre_hooks:
+        return "global module forward hooks were registered"
+    for name, module in layer.named_modules():
+        hooks = list(module._forward_hooks.values()) + list(module._forward_pre_hooks.values())
+        if any(not is_transformers_capture_hook(hook) for hook in hooks):
+            return f"forward hooks were registered on {name or 'the layer'}"
+    return None
+
+
+def _type_name(obj) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"

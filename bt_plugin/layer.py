@@ -1,0 +1,258 @@
+"""The fused encoder layer: an instance of the stock layer class with a dispatching `forward`.
+
+Conversion swaps a layer's class for a subclass of its stock class (so `isinstance`, submodules,
+parameter objects, state_dict keys and transformers' hidden-state capture all stay as they are).
+Each call either runs a kernel or the stock forward, and records which and why.
+
+Padding is removed once for the whole stack: the stack's first layer packs the hidden states
+(a nested tensor for `fastpath`) when every layer of the stack can serve the call; the following
+layers see packed input and stay packed; the last layer restores `(B, L, E)`. The per-call state
+travels inside the hidden states, so exceptions, nested models and threads need no cleanup.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from bt_plugin.activations import activation_name
+from bt_plugin.compat import recorded_outputs
+from bt_plugin.eligibility import call_reason, layer_reason
+from bt_plugin.kernels import LayerTensors, get_kernel
+from bt_plugin.masks import key_padding_mask, padding_reason
+from bt_plugin.spec import EncoderSpec, resolve_path
+
+_refuse_lock = threading.Lock()
+
+
+@dataclass
+class LayerStats:
+    """Per-layer counters: how many calls ran fused, how many fell back, and why."""
+
+    fused_calls: int = 0
+    fallback_calls: int = 0
+    last_reason: str | None = None
+    reasons: Counter = field(default_factory=Counter)
+
+    def fused(self) -> None:
+        self.fused_calls += 1
+        self.last_reason = None
+
+    def fell_back(self, reason: str) -> None:
+        self.fallback_calls += 1
+        self.last_reason = reason
+        self.reasons[reason] += 1
+
+
+class Stack:
+    """The converted layers of one layer list, in call order (a plain holder, not a module)."""
+
+    def __init__(self, layers: list[nn.Module]):
+        self.layers = layers
+
+
+class FusedLayer:
+    """Mixin that precedes the stock layer class in a fused layer's MRO."""
+
+    _bt_stock_class: type
+    _bt_spec: EncoderSpec
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return _dispatch(self, hidden_states, args, kwargs)
+
+    # BetterTransformer's tensor names, always read from the live submodules.
+    @property
+    def in_proj_weight(self) -> torch.Tensor:
+        return fused_qkv(self)[0]
+
+    @property
+    def in_proj_bias(self) -> torch.Tensor:
+        return fused_qkv(self)[1]
+
+    @property
+    def num_heads(self) -> int:
+        return int(resolve_path(self, self._bt_spec.num_heads))
+
+    @property
+    def embed_dim(self) -> int:
+        return self._bt_module("out_proj").out_features
+
+    def _bt_module(self, role: str) -> nn.Module:
+        return resolve_path(self, getattr(self._bt_spec, role))
+
+    def __reduce_ex__(self, protocol):
+        # The class is made at run time: rebuild it from the stock class so pickle and deepcopy
+        # work in any process. The fused QKV cache is left out and rebuilt on first use.
+        state = dict(self.__dict__)
+        state["_bt_qkv"] = None
+        return (_rebuild, (self._bt_stock_class, self._bt_spec.name), state)
+
+
+_FUSED_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def fused_class_for(stock_class: type, spec: EncoderSpec) -> type:
+    """The fused subclass of `stock_class` (made once, then cached)."""
+    key = (stock_class, spec.name)
+    cls = _FUSED_CLASSES.get(key)
+    if cls is None:
+        cls = type(
+            f"Fused{stock_class.__name__}",
+            (FusedLayer, stock_class),
+            {"__module__": __name__, "_bt_stock_class": stock_class, "_bt_spec": spec},
+        )
+        _FUSED_CLASSES[key] = cls
+    return cls
+
+
+def _rebuild(stock_class: type, spec_name: str):
+    from bt_plugin.registry import all_specs
+
+    return object.__new__(fused_class_for(stock_class, all_specs()[spec_name]))
+
+
+def _qkv_parts(layer) -> list[nn.Linear]:
+    return [layer._bt_module("query"), layer._bt_module("key"), layer._bt_module("value")]
+
+
+def _is_view_of(fused: torch.Tensor, parts: list[torch.Tensor]) -> bool:
+    offset = fused.data_ptr()
+    for part in parts:
+        if part.dtype != fused.dtype or part.device != fused.device or not part.is_contiguous():
+            return False
+        if part.data_ptr() != offset:
+            return False
+        offset += part.numel() * part.element_size()
+    return True
+
+
+def fused_qkv(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `[3E, E]` in-projection weight and `[3E]` bias, whose slices *are* q/k/v's storage.
+
+    Rebuilt (and q/k/v re-pointed into it) whenever `.to()`, `.half()`, `load_state_dict(assign=True)`
+    or anything else gave a projection new storage, so the kernel never sees stale weights.
+    """
+    parts = _qkv_parts(layer)
+    cached = layer.__dict__.get("_bt_qkv")
+    if cached is not None and _is_view_of(cached[0], [p.weight for p in parts]) and _is_view_of(
+        cached[1], [p.bias for p in parts]
+    ):
+        return cached
+    with _refuse_lock, torch.inference_mode(False), torch.no_grad():
+        fused = (_concat_into_views([p.weight for p in parts]), _concat_into_views([p.bias for p in parts]))
+        layer.__dict__["_bt_qkv"] = fused
+    return fused
+
+
+def _concat_into_views(params: list[nn.Parameter]) -> torch.Tensor:
+    fused = torch.cat([p.detach() for p in params])
+    start = 0
+    for param in params:
+        rows = param.shape[0]
+        param.data = fused[start:start + rows]  # same Parameter object, storage now shared
+        start += rows
+    return fused
+
+
+def unfuse_qkv(layer) -> None:
+    """Give q/k/v their own storage again (used by revert)."""
+    with torch.inference_mode(False), torch.no_grad():
+        for linear in _qkv_parts(layer):
+            for param in (linear.weight, linear.bias):
+                if param is not None:
+                    param.data = param.data.clone()
+    layer.__dict__.pop("_bt_qkv", None)
+
+
+def layer_tensors(layer) -> LayerTensors:
+    """Everything the kernel needs, read from the live modules."""
+    weight, bias = fused_qkv(layer)
+    out, lin1, lin2 = layer._bt_module("out_proj"), layer._bt_module("linear1"), layer._bt_module("linear2")
+    norm1, norm2 = layer._bt_module("norm1"), layer._bt_module("norm2")
+    return LayerTensors(
+        weight, bias, out.weight, out.bias, lin1.weight, lin1.bias, lin2.weight, lin2.bias,
+        norm1.weight, norm1.bias, norm2.weight, norm2.bias, norm1.eps,
+        layer.num_heads, out.out_features, layer._bt_spec.norm_first,
+        activation_name(layer._bt_module("activation")),
+    )
+
+
+def _stats(layer) -> LayerStats:
+    stats = layer.__dict__.get("_bt_stats")
+    if stats is None:
+        stats = layer.__dict__["_bt_stats"] = LayerStats()
+    return stats
+
+
+def _mask_argument(layer, args: tuple, kwargs: dict):
+    name, index = layer._bt_spec.mask_argument
+    return args[index - 1] if len(args) >= index else kwargs.get(name)
+
+
+def _returned(layer, hidden: torch.Tensor):
+    return (hidden,) if layer._bt_spec.returns_tuple else hidden
+
+
+def _dispatch(layer, hidden, args: tuple, kwargs: dict):
+    """Run the kernel when the call can be served, else the stock forward, recording why."""
+    kernel = get_kernel(layer.__dict__.get("_bt_kernel", "fastpath"))
+    mask = _mask_argument(layer, args, kwargs)
+    if isinstance(hidden, torch.Tensor) and kernel.is_packed(hidden):
+        # An earlier layer of this stack packed the call after checking every layer of the stack.
+        out = kernel.layer(hidden, layer_tensors(layer))
+        _stats(layer).fused()
+        if _is_last(layer):
+            out = kernel.unpack(out, out.size(0), mask.shape[-1])
+        return _returned(layer, out)
+    keep, reason = _eligible(layer, hidden, args, kwargs, mask, kernel)
+    if reason:
+        _stats(layer).fell_back(reason)
+        return layer._bt_stock_class.forward(layer, hidden, *args, **kwargs)
+    _stats(layer).fused()
+    tensors = layer_tensors(layer)
+    if keep is None:  # nothing padded: the kernel takes the dense tensor as is
+        return _returned(layer, kernel.layer(hidden, tensors))
+    out = kernel.layer(kernel.pack(hidden, keep), tensors)
+    if _stays_packed(layer, hidden, kernel):
+        return out  # the next layer of this stack continues on the packed tensor
+    return _returned(layer, kernel.unpack(out, hidden.size(0), hidden.size(1)))
+
+
+def _eligible(layer, hidden, args, kwargs, mask, kernel):
+    """`(keep, reason)`: the key-padding mask to pack with, or why the stock forward must run."""
+    spec = layer._bt_spec
+    reason = call_reason(hidden, args, kwargs, spec.mask_argument[1]) or layer_reason(layer, spec, hidden, kernel)
+    if reason:
+        return None, reason
+    keep, reason = key_padding_mask(mask, hidden.size(0), hidden.size(1))
+    if reason is None and keep is not None:
+        reason = padding_reason(keep, right_padded_only=kernel.right_padded_only)
+    return keep, reason
+
+
+def _is_last(layer) -> bool:
+    stack = layer.__dict__.get("_bt_stack")
+    return stack is None or stack.layers[-1] is layer
+
+
+def _stays_packed(layer, hidden, kernel) -> bool:
+    """Keep the stack packed only when this is its first layer and every later layer can serve it.
+
+    When hidden states are being recorded each layer must return `(B, L, E)`, so layers pack and
+    unpack one by one instead.
+    """
+    stack = layer.__dict__.get("_bt_stack")
+    if stack is None or len(stack.layers) < 2 or stack.layers[0] is not layer:
+        return False
+    if "hidden_states" in recorded_outputs():
+        return False
+    for other in stack.layers[1:]:
+        if not isinstance(other, FusedLayer) or other.__dict__.get("_bt_kernel", "fastpath") != kernel.name:
+            return False
+        if layer_reason(other, other._bt_spec, hidden, kernel):
+            return False
+    return True

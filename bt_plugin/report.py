@@ -1,0 +1,94 @@
+"""`explain(model)`: per encoder layer, whether it is fused, with which kernel, and why not."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from bt_plugin.conversion import plan
+from bt_plugin.layer import FusedLayer, LayerStats
+
+
+@dataclass
+class LayerReport:
+    """One encoder layer: `converted` (fused class installed), its kernel, and the latest reason.
+
+    `reason` is the static reason for a layer left stock, or the reason its latest call fell back
+    to the stock forward (None when that call ran fused).
+    """
+
+    path: str
+    converted: bool
+    kernel: str | None
+    reason: str | None
+    fused_calls: int = 0
+    fallback_calls: int = 0
+    fallback_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        if not self.converted:
+            return "stock"
+        if self.reason:
+            return "fallback"
+        return "fused" if self.fused_calls else "fused (not called yet)"
+
+
+@dataclass
+class Explanation:
+    """What bt_plugin did with a model; `str()` gives a table, `to_dict()` plain data."""
+
+    model: str
+    family: str | None
+    reason: str | None
+    layers: list[LayerReport]
+
+    @property
+    def fused_layers(self) -> int:
+        return sum(layer.converted for layer in self.layers)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        head = f"{self.model}: {self.fused_layers}/{len(self.layers)} encoder layers converted"
+        if self.family:
+            head += f" (family {self.family})"
+        lines = [head]
+        if self.reason:
+            lines.append(f"  not converted: {self.reason}")
+        for layer in self.layers:
+            detail = f"  {layer.path:<28} {layer.status:<22} kernel={layer.kernel or '-'}"
+            detail += f" fused_calls={layer.fused_calls} fallback_calls={layer.fallback_calls}"
+            if layer.reason:
+                detail += f"\n      reason: {layer.reason}"
+            lines.append(detail)
+        return "\n".join(lines)
+
+
+def explain(model: nn.Module) -> Explanation:
+    """Report, per encoder layer, whether it is fused and, if not, why.
+
+    Example:
+        ```python
+        >>> print(bt_plugin.explain(model))
+        BertModel: 12/12 encoder layers converted (family bert)
+          encoder.layer.0   fused   kernel=fastpath fused_calls=1 fallback_calls=0
+        ```
+    """
+    kernel = model.__dict__.get("_bt_plugin", {}).get("kernel", "auto")
+    result = plan(model, kernel)
+    reports = [_report(p.path, p.layer, p.reason) for p in result.layers]
+    family = result.spec.name if result.spec else None
+    return Explanation(type(model).__name__, family, result.reason, reports)
+
+
+def _report(path: str, layer: nn.Module, static_reason: str | None) -> LayerReport:
+    if not isinstance(layer, FusedLayer):
+        return LayerReport(path, False, None, static_reason or "not converted (call bt_plugin.convert)")
+    stats: LayerStats = layer.__dict__.get("_bt_stats") or LayerStats()
+    return LayerReport(
+        path, True, layer.__dict__.get("_bt_kernel"), stats.last_reason,
+        stats.fused_calls, stats.fallback_calls, dict(stats.reasons),
+    )

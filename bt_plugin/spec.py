@@ -1,0 +1,108 @@
+"""The declarative description of an encoder layer that `patches/` modules provide.
+
+A spec says where the pieces of one architecture family's encoder layer are (attribute paths
+relative to the layer), which configurations it serves, and how the layer is called. The core
+reads specs; it never names an architecture itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+ConfigCheck = Callable[[Any], "str | None"]
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How to find the BetterTransformer tensors inside one family's encoder layer.
+
+    Args:
+        name: Family name, shown by `explain()` and used as the registry key.
+        model_types: `config.model_type` values this spec serves.
+        layer_classes: Dotted import paths of the encoder layer classes (resolved lazily).
+        query, key, value, out_proj: Paths of the attention `nn.Linear` modules.
+        norm1: Path of the layer norm after attention (before it when `norm_first`).
+        linear1, linear2: Paths of the two feed-forward `nn.Linear` modules.
+        activation: Path of the activation module applied after `linear1`.
+        norm2: Path of the layer norm after the feed-forward block.
+        num_heads: Path of the attribute holding the number of attention heads.
+        norm_first: Whether the layer is pre-layer-norm.
+        mask_argument: Name and positional index (counting `hidden_states` as 0) of the
+            attention-mask argument of the layer's `forward`.
+        returns_tuple: Whether the stock layer returns a tuple instead of a tensor.
+        config_checks: Callables `config -> reason | None`; a reason leaves the model stock.
+
+    Example:
+        ```python
+        SPEC = EncoderSpec(name="bert", model_types=("bert",),
+                           layer_classes=("transformers.models.bert.modeling_bert.BertLayer",), ...)
+        ```
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    layer_classes: tuple[str, ...]
+    query: str
+    key: str
+    value: str
+    out_proj: str
+    norm1: str
+    linear1: str
+    activation: str
+    linear2: str
+    norm2: str
+    num_heads: str
+    norm_first: bool = False
+    mask_argument: tuple[str, int] = ("attention_mask", 1)
+    returns_tuple: bool = False
+    config_checks: tuple[ConfigCheck, ...] = field(default=())
+
+    def resolve_layer_classes(self) -> tuple[type, ...]:
+        """Import and return the layer classes; a missing one is skipped (renamed upstream)."""
+        classes = []
+        for dotted in self.layer_classes:
+            module_name, _, class_name = dotted.rpartition(".")
+            try:
+                classes.append(getattr(importlib.import_module(module_name), class_name))
+            except (ImportError, AttributeError):
+                continue
+        return tuple(classes)
+
+    def config_reason(self, config: Any) -> str | None:
+        """First reason from `config_checks`, or None when the configuration is served."""
+        for check in self.config_checks:
+            reason = check(config)
+            if reason:
+                return reason
+        return None
+
+
+def config_flags_false(*names: str) -> ConfigCheck:
+    """A config check that gives a reason when any of the named config flags is truthy.
+
+    Example:
+        ```python
+        config_checks=(config_flags_false("is_decoder", "add_cross_attention"),)
+        ```
+    """
+
+    def check(config: Any) -> str | None:
+        for name in names:
+            value = getattr(config, name, False)
+            if value:
+                return f"config.{name} was {value!r} (only encoder self-attention is fused)"
+        return None
+
+    check.__qualname__ = f"config_flags_false{names}"
+    return check
+
+
+def resolve_path(root: Any, path: str) -> Any:
+    """Follow a dotted attribute path from `root`; raises AttributeError naming the missing part."""
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
