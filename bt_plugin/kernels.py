@@ -12,9 +12,17 @@ from dataclasses import dataclass
 
 import torch
 
-# torch warns once per process that strided nested tensors are a prototype; that is the API the
-# fused kernel takes, so the warning tells users nothing they can act on.
-warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
+
+def _consume_nested_prototype_warning() -> None:
+    """torch warns once per process that strided nested tensors are a prototype. That is the API
+    the fused kernel takes, so the warning tells users nothing they can act on: trigger it here,
+    silenced, instead of in the user's first forward (without touching global warning filters)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch._nested_tensor_from_mask(torch.zeros(1, 1, 1), torch.ones(1, 1, dtype=torch.bool))
+
+
+_consume_nested_prototype_warning()
 
 
 @dataclass(frozen=True)

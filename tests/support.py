@@ -1,0 +1,65 @@
+"""Shared test helpers: small realistic-width models saved and reloaded through from_pretrained."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+# model_type -> (config class, base model class, one task-head class), all with the family's defaults.
+ARCHITECTURES = {
+    "bert": ("BertConfig", "BertModel", "BertForSequenceClassification"),
+    "roberta": ("RobertaConfig", "RobertaModel", "RobertaForMaskedLM"),
+    "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaModel", "XLMRobertaForTokenClassification"),
+    "camembert": ("CamembertConfig", "CamembertModel", "CamembertForSequenceClassification"),
+    "electra": ("ElectraConfig", "ElectraModel", "ElectraForSequenceClassification"),
+    "ernie": ("ErnieConfig", "ErnieModel", "ErnieForSequenceClassification"),
+    "data2vec-text": ("Data2VecTextConfig", "Data2VecTextModel", "Data2VecTextForSequenceClassification"),
+    "roc_bert": ("RoCBertConfig", "RoCBertModel", "RoCBertForSequenceClassification"),
+}
+
+VOCAB = 1000
+
+
+def make_config(model_type: str, **overrides):
+    """A realistic-width config (hidden 256, 4 heads, 3 layers) with the family's real defaults."""
+    config_class = getattr(transformers, ARCHITECTURES[model_type][0])
+    values = dict(
+        vocab_size=VOCAB, hidden_size=256, num_attention_heads=4, intermediate_size=1024,
+        num_hidden_layers=3, max_position_embeddings=128,
+    )
+    if model_type == "electra":
+        values["embedding_size"] = 128
+    values.update(overrides)
+    return config_class(**values)
+
+
+def model_class(model_type: str, head: bool = False):
+    return getattr(transformers, ARCHITECTURES[model_type][2 if head else 1])
+
+
+def save_model(model_type: str, directory, head: bool = False, seed: int = 0, **overrides) -> str:
+    """Build a randomly initialised model from a config and save it; returns the directory."""
+    torch.manual_seed(seed)
+    model = model_class(model_type, head)(make_config(model_type, **overrides))
+    model.save_pretrained(str(directory))
+    return str(directory)
+
+
+def padded_batch(lengths: list[int], length: int | None = None, seed: int = 0, pad_token: int = 1):
+    """Right-padded `(input_ids, attention_mask)` with the given real lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    width = length or max(lengths)
+    ids = torch.randint(5, VOCAB, (len(lengths), width), generator=generator)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, real in enumerate(lengths):
+        mask[row, :real] = 1
+        ids[row, real:] = pad_token
+    return ids, mask
+
+
+def max_diff_on_real(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> float:
+    """Max abs difference over real-token positions (all positions when mask is None)."""
+    if mask is None or a.dim() < 3:
+        return (a - b).abs().max().item()
+    real = mask.bool()
+    return (a[real] - b[real]).abs().max().item()
