@@ -13,7 +13,9 @@ from torch import nn
 
 from bt_plugin import kernels, registry
 from bt_plugin.eligibility import kernel_reason, structure_reason
-from bt_plugin.layer import FusedLayer, LayerStats, Stack, fused_class_for, fused_qkv, unfuse_qkv
+from bt_plugin.layer import FusedLayer, LayerStats, fused_class_for, fused_qkv, unfuse_qkv
+from bt_plugin.spec import resolve_path
+from bt_plugin.stack import StackOwner, attach, detach
 from bt_plugin.spec import EncoderSpec
 
 logger = logging.getLogger("bt_plugin")
@@ -23,7 +25,7 @@ logger = logging.getLogger("bt_plugin")
 class PlannedLayer:
     path: str
     layer: nn.Module
-    stack: list[nn.Module]
+    list_path: str
     reason: str | None
 
 
@@ -63,7 +65,7 @@ def plan(model: nn.Module, kernel: str = "auto") -> Plan:
     for path, stack in _layer_lists(model, classes):
         for index, layer in enumerate(stack):
             reason = structure_reason(layer, spec) or kernel_reason(layer, spec, kernels.get_kernel(concrete))
-            result.layers.append(PlannedLayer(f"{path}.{index}", layer, list(stack), reason))
+            result.layers.append(PlannedLayer(f"{path}.{index}", layer, path, reason))
     if not result.layers:
         names = ", ".join(c.__name__ for c in classes) or ", ".join(spec.layer_classes)
         result.reason = f"no list of {names} layers was found in {type(model).__name__}"
@@ -107,10 +109,12 @@ def convert(model: nn.Module, *, kernel: str = "auto", strict: bool = True) -> n
             raise ValueError(f"bt_plugin cannot convert {type(model).__name__}: {reason}")
         logger.warning("bt_plugin left %s stock: %s", type(model).__name__, reason)
         return model
-    stacks: dict[int, Stack] = {}
     for planned in todo:
-        stack = stacks.setdefault(id(planned.stack[0]), Stack(planned.stack))
-        _swap(planned.layer, result.spec, result.kernel, stack)
+        _swap(planned.layer, result.spec, result.kernel)
+    for list_path in dict.fromkeys(p.list_path for p in todo):
+        owner_path, _, attribute = list_path.rpartition(".")
+        owner = resolve_path(model, owner_path) if owner_path else model
+        attach(owner, attribute, getattr(owner, attribute))
     model.__dict__["_bt_plugin"] = {"spec": result.spec.name, "kernel": result.kernel}
     total = len(result.layers)
     fused = converted + len(todo)
@@ -121,9 +125,9 @@ def convert(model: nn.Module, *, kernel: str = "auto", strict: bool = True) -> n
     return model
 
 
-def _swap(layer: nn.Module, spec: EncoderSpec, kernel: str, stack: Stack) -> None:
+def _swap(layer: nn.Module, spec: EncoderSpec, kernel: str) -> None:
     layer.__class__ = fused_class_for(type(layer), spec)
-    layer.__dict__.update(_bt_kernel=kernel, _bt_stack=stack, _bt_stats=LayerStats())
+    layer.__dict__.update(_bt_kernel=kernel, _bt_stats=LayerStats())
     fused_qkv(layer)  # q/k/v now live in one [3E, E] storage: no weight is held twice
 
 
@@ -138,6 +142,8 @@ def revert(model: nn.Module) -> nn.Module:
         ```
     """
     for module in model.modules():
+        if isinstance(module, StackOwner):
+            detach(module)
         if isinstance(module, FusedLayer):
             unfuse_qkv(module)
             for key in [k for k in module.__dict__ if k.startswith("_bt_")]:

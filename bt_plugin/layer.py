@@ -25,6 +25,7 @@ from bt_plugin.eligibility import call_reason, layer_reason
 from bt_plugin.kernels import LayerTensors, get_kernel
 from bt_plugin.masks import key_padding_mask, padding_reason
 from bt_plugin.spec import EncoderSpec, resolve_path
+from bt_plugin.stack import live_layers
 
 _refuse_lock = threading.Lock()
 
@@ -46,13 +47,6 @@ class LayerStats:
         self.fallback_calls += 1
         self.last_reason = reason
         self.reasons[reason] += 1
-
-
-class Stack:
-    """The converted layers of one layer list, in call order (a plain holder, not a module)."""
-
-    def __init__(self, layers: list[nn.Module]):
-        self.layers = layers
 
 
 class FusedLayer:
@@ -86,9 +80,10 @@ class FusedLayer:
 
     def __reduce_ex__(self, protocol):
         # The class is made at run time: rebuild it from the stock class so pickle and deepcopy
-        # work in any process. The fused QKV cache is left out and rebuilt on first use.
+        # work in any process. q/k/v get their own storage first (pickle would write the whole
+        # shared [3E, E] storage once per view); the fused cache is rebuilt on first use.
+        unfuse_qkv(self)
         state = dict(self.__dict__)
-        state["_bt_qkv"] = None
         return (_rebuild, (self._bt_stock_class, self._bt_spec.name), state)
 
 
@@ -130,18 +125,30 @@ def _is_view_of(fused: torch.Tensor, parts: list[torch.Tensor]) -> bool:
     return True
 
 
+def _current_qkv(layer) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached fused q/k/v if q/k/v still live in it; a stale cache is dropped (no double memory)."""
+    cached = layer.__dict__.get("_bt_qkv")
+    if cached is None:
+        return None
+    parts = _qkv_parts(layer)
+    if all(isinstance(p, nn.Linear) and p.bias is not None for p in parts) and _is_view_of(
+        cached[0], [p.weight for p in parts]
+    ) and _is_view_of(cached[1], [p.bias for p in parts]):
+        return cached
+    layer.__dict__.pop("_bt_qkv", None)
+    return None
+
+
 def fused_qkv(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """The `[3E, E]` in-projection weight and `[3E]` bias, whose slices *are* q/k/v's storage.
 
     Rebuilt (and q/k/v re-pointed into it) whenever `.to()`, `.half()`, `load_state_dict(assign=True)`
     or anything else gave a projection new storage, so the kernel never sees stale weights.
     """
-    parts = _qkv_parts(layer)
-    cached = layer.__dict__.get("_bt_qkv")
-    if cached is not None and _is_view_of(cached[0], [p.weight for p in parts]) and _is_view_of(
-        cached[1], [p.bias for p in parts]
-    ):
+    cached = _current_qkv(layer)
+    if cached is not None:
         return cached
+    parts = _qkv_parts(layer)
     with _refuse_lock, torch.inference_mode(False), torch.no_grad():
         fused = (_concat_into_views([p.weight for p in parts]), _concat_into_views([p.bias for p in parts]))
         layer.__dict__["_bt_qkv"] = fused
@@ -210,6 +217,7 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict):
         return _returned(layer, out)
     keep, reason = _eligible(layer, hidden, args, kwargs, mask, kernel)
     if reason:
+        _current_qkv(layer)  # after .half() etc. a fallback must not keep the old weights alive
         _stats(layer).fell_back(reason)
         return layer._bt_stock_class.forward(layer, hidden, *args, **kwargs)
     _stats(layer).fused()
@@ -235,22 +243,23 @@ def _eligible(layer, hidden, args, kwargs, mask, kernel):
 
 
 def _is_last(layer) -> bool:
-    stack = layer.__dict__.get("_bt_stack")
-    return stack is None or stack.layers[-1] is layer
+    layers = live_layers(layer, running_only=False)
+    return layers is None or len(layers) == 0 or layers[-1] is layer
 
 
 def _stays_packed(layer, hidden, kernel) -> bool:
-    """Keep the stack packed only when this is its first layer and every later layer can serve it.
+    """Keep the stack packed only inside its owner's layer loop, when this is the first layer and
+    every later layer can serve the call.
 
     When hidden states are being recorded each layer must return `(B, L, E)`, so layers pack and
     unpack one by one instead.
     """
-    stack = layer.__dict__.get("_bt_stack")
-    if stack is None or len(stack.layers) < 2 or stack.layers[0] is not layer:
+    layers = live_layers(layer, running_only=True)
+    if layers is None or len(layers) < 2 or layers[0] is not layer:
         return False
     if "hidden_states" in recorded_outputs():
         return False
-    for other in stack.layers[1:]:
+    for other in list(layers)[1:]:
         if not isinstance(other, FusedLayer) or other.__dict__.get("_bt_kernel", "fastpath") != kernel.name:
             return False
         if layer_reason(other, other._bt_spec, hidden, kernel):

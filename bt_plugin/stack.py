@@ -1,0 +1,83 @@
+"""The module that owns a converted layer list, and which owner is running its layers right now.
+
+Padding is removed once per stack only while the owner's own forward runs its layer loop: the
+owner's class is swapped (like the layers') for one whose forward marks it as running in a
+ContextVar. A layer called any other way (directly, or by code that walks the list itself)
+packs and unpacks within its own call, so a packed tensor never escapes. The layer list is read
+live from the owner, so truncating or reordering it after conversion stays correct.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+
+from torch import nn
+
+_running: ContextVar[nn.Module | None] = ContextVar("bt_plugin_running_stack", default=None)
+
+
+class StackOwner:
+    """Mixin that precedes the stock class of the module holding the encoder layer list."""
+
+    _bt_stock_class: type
+
+    def forward(self, *args, **kwargs):
+        token = _running.set(self)
+        try:
+            return type(self)._bt_stock_class.forward(self, *args, **kwargs)
+        finally:
+            _running.reset(token)
+
+    def __reduce_ex__(self, protocol):
+        return (_rebuild_owner, (self._bt_stock_class,), dict(self.__dict__))
+
+
+_OWNER_CLASSES: dict[type, type] = {}
+
+
+def owner_class_for(stock_class: type) -> type:
+    cls = _OWNER_CLASSES.get(stock_class)
+    if cls is None:
+        cls = type(stock_class.__name__, (StackOwner, stock_class),
+                   {"__module__": __name__, "_bt_stock_class": stock_class})
+        _OWNER_CLASSES[stock_class] = cls
+    return cls
+
+
+def _rebuild_owner(stock_class: type):
+    return object.__new__(owner_class_for(stock_class))
+
+
+def attach(owner: nn.Module, attribute: str, layers) -> bool:
+    """Make `owner` a stack owner for `layers` (its `attribute`); False when it must stay as is.
+
+    A `PreTrainedModel` is never class-swapped (its class name is saved in checkpoints); its
+    layers then pack per call.
+    """
+    from transformers import PreTrainedModel
+
+    if isinstance(owner, PreTrainedModel):
+        return False
+    if not isinstance(owner, StackOwner):
+        owner.__class__ = owner_class_for(type(owner))
+    for layer in layers:
+        layer.__dict__["_bt_owner"] = (owner, attribute)  # plain reference: not a submodule
+    return True
+
+
+def detach(owner: nn.Module) -> None:
+    if isinstance(owner, StackOwner):
+        owner.__class__ = type(owner)._bt_stock_class
+
+
+def live_layers(layer: nn.Module, *, running_only: bool) -> nn.ModuleList | None:
+    """The layer list `layer` belongs to, read from its owner now; None if it has none (or,
+    with `running_only`, if the owner is not running its layer loop in this context)."""
+    owner_and_attribute = layer.__dict__.get("_bt_owner")
+    if owner_and_attribute is None:
+        return None
+    owner, attribute = owner_and_attribute
+    if running_only and _running.get() is not owner:
+        return None
+    layers = getattr(owner, attribute, None)
+    return layers if isinstance(layers, nn.ModuleList) else None

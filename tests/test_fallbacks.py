@@ -1,0 +1,311 @@
+"""Calls the fused path cannot serve: each must give stock's result, record a telling reason in
+`explain()`, and the next call without the condition must run fused again.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.models.bert.modeling_bert import BertLayer
+
+import bt_plugin
+from support import max_diff_on_real, model_class, padded_batch, save_model
+
+LENGTHS = [9, 16, 4, 13]
+TOL = 1e-5
+LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_model("bert", tmp_path_factory.mktemp("bert"), seed=0, num_hidden_layers=LAYERS)
+
+
+def load(directory, **kwargs):
+    return model_class("bert").from_pretrained(directory, **kwargs).eval()
+
+
+def pair(directory, **kwargs):
+    """(stock, converted) loaded from the same directory."""
+    stock = load(directory, **kwargs)
+    converted = bt_plugin.convert(load(directory, **kwargs))
+    return stock, converted
+
+
+def counts(model) -> list[tuple[int, int]]:
+    return [(r.fused_calls, r.fallback_calls) for r in bt_plugin.explain(model).layers]
+
+
+def totals(model) -> tuple[int, int]:
+    c = counts(model)
+    return sum(f for f, _ in c), sum(b for _, b in c)
+
+
+def reports(model):
+    return bt_plugin.explain(model).layers
+
+
+def assert_fell_back(model, before, word, layers=None):
+    """Fallbacks happened since `before` (on `layers`, default all) and each says `word`."""
+    after = counts(model)
+    indices = range(len(after)) if layers is None else layers
+    for index in indices:
+        report = reports(model)[index]
+        assert after[index][1] > before[index][1], bt_plugin.explain(model)
+        assert report.reason is not None and word in report.reason, report
+        assert any(word in r for r in report.fallback_reasons), report
+    return after
+
+
+def assert_fused_again(model, stock, lengths=LENGTHS, seed=5, **kwargs):
+    """A plain inference call now runs fused on every layer and matches stock on real tokens."""
+    ids, mask = padded_batch(lengths, seed=seed)
+    before = counts(model)
+    with torch.inference_mode():
+        got = model(ids, attention_mask=mask, **kwargs).last_hidden_state
+        want = stock(ids, attention_mask=mask, **kwargs).last_hidden_state
+    after = counts(model)
+    assert not got.is_nested and got.shape == want.shape
+    assert max_diff_on_real(got, want, mask) <= TOL
+    for (f0, b0), (f1, b1) in zip(before, after):
+        assert f1 == f0 + 1 and b1 == b0, bt_plugin.explain(model)
+    assert all(r.reason is None for r in reports(model)), bt_plugin.explain(model)
+
+
+def run(model, ids, mask, **kwargs):
+    with torch.inference_mode():
+        return model(ids, attention_mask=mask, **kwargs)
+
+
+# ----------------------------------------------------------------------------- grad and autocast
+
+
+def test_grad_enabled_falls_back(model_dir):
+    stock, conv = pair(model_dir)
+    ids, mask = padded_batch(LENGTHS, seed=1)
+    before = counts(conv)
+    got = conv(ids, attention_mask=mask).last_hidden_state  # plain call: grad on, params require grad
+    want = stock(ids, attention_mask=mask).last_hidden_state
+    assert got.requires_grad and got.grad_fn is not None
+    assert max_diff_on_real(got.detach(), want.detach(), mask) <= TOL
+    assert_fell_back(conv, before, "grad")
+    # The graph really reaches the weights (stock forward was used).
+    got[mask.bool()].sum().backward()
+    assert conv.encoder.layer[0].attention.self.query.weight.grad is not None
+    assert_fused_again(conv, stock)
+    with torch.no_grad():  # no_grad serves too, not only inference_mode
+        before = counts(conv)
+        conv(ids, attention_mask=mask)
+        assert all(f1 == f0 + 1 for (f0, _), (f1, _) in zip(before, counts(conv)))
+
+
+def test_autocast_falls_back(model_dir):
+    stock, conv = pair(model_dir)
+    ids, mask = padded_batch(LENGTHS, seed=1)
+    before = counts(conv)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(conv, ids, mask).last_hidden_state
+        want = run(stock, ids, mask).last_hidden_state
+    assert got.dtype == want.dtype
+    assert max_diff_on_real(got.float(), want.float(), mask) <= 1e-2
+    assert_fell_back(conv, before, "autocast")
+    assert_fused_again(conv, stock)
+
+
+# ----------------------------------------------------------------------------- recorded outputs
+
+
+def test_output_attentions_falls_back_and_matches_stock(model_dir):
+    stock, conv = pair(model_dir, attn_implementation="eager")
+    ids, mask = padded_batch(LENGTHS, seed=1)
+    before = counts(conv)
+    got, want = run(conv, ids, mask, output_attentions=True), run(stock, ids, mask, output_attentions=True)
+    assert got.attentions is not None and len(got.attentions) == LAYERS
+    for a, b in zip(got.attentions, want.attentions):
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, atol=TOL, rtol=0)
+    assert max_diff_on_real(got.last_hidden_state, want.last_hidden_state, mask) <= TOL
+    assert_fell_back(conv, before, "output_attentions")
+    # The recording hooks stay installed; they must not block the next call.
+    assert_fused_again(conv, stock)
+
+
+def test_output_hidden_states_runs_fused_and_later_calls_stay_fused(model_dir):
+    stock, conv = pair(model_dir)
+    ids, mask = padded_batch(LENGTHS, seed=1)
+    before = counts(conv)
+    got = run(conv, ids, mask, output_hidden_states=True)
+    want = run(stock, ids, mask, output_hidden_states=True)
+    assert len(got.hidden_states) == len(want.hidden_states) == LAYERS + 1
+    for a, b in zip(got.hidden_states, want.hidden_states):
+        assert not a.is_nested and a.shape == b.shape
+        assert max_diff_on_real(a, b, mask) <= TOL
+    assert max_diff_on_real(got.last_hidden_state, want.last_hidden_state, mask) <= TOL
+    after = counts(conv)
+    assert all(f1 == f0 + 1 and b1 == b0 for (f0, b0), (f1, b1) in zip(before, after)), bt_plugin.explain(conv)
+    # transformers 5 left its recording hooks installed on the layers ...
+    assert any(len(layer._forward_hooks) for layer in conv.encoder.layer)
+    # ... which must not turn every later call into a silent fallback.
+    assert_fused_again(conv, stock)
+    assert_fused_again(conv, stock, output_hidden_states=True)
+    assert_fused_again(conv, stock, lengths=[16, 16, 16, 16])
+    assert totals(conv)[1] == 0
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def test_left_padded_mask_falls_back(model_dir):
+    stock, conv = pair(model_dir)
+    ids, mask = padded_batch(LENGTHS, seed=1)
+    ids, mask = ids.flip(1), mask.flip(1)  # left padding
+    before = counts(conv)
+    got, want = run(conv, ids, mask).last_hidden_state, run(stock, ids, mask).last_hidden_state
+    assert max_diff_on_real(got, want, mask) <= TOL
+    assert_fell_back(conv, before, "right-padded")
+    assert_fused_again(conv, stock)
+
+
+def test_row_without_real_tokens_falls_back(model_dir):
+    stock, conv = pair(model_dir)
+    ids, mask = padded_batch(LENGTHS, seed=1)
+    mask[2] = 0
+    before = counts(conv)
+    got, want = run(conv, ids, mask).last_hidden_state, run(stock, ids, mask).last_hidden_state
+    assert got.shape == want.shape
+    assert max_diff_on_real(got, want, mask) <= TOL
+    assert_fell_back(conv, before, "no real token")
+    assert_fused_again(conv, stock)
+
+
+# ----------------------------------------------------------------------------- hooks and adapters
+
+
+@pytest.mark.parametrize("where", ["layer", "query"])
+def test_user_forward_hook_falls_back_and_runs(model_dir, where):
+    stock, conv = pair(model_dir)
+    ids, mask = padded_batch(LENGTHS, seed=1)
+    seen = []
+
+    def hook(module, args, output):
+        seen.append(type(output))
+        return output * 1.01  # the hook changes the result: ignoring it would show
+
+    def target(model):
+        layer = model.encoder.layer[1]
+        return layer if where == "layer" else layer.attention.self.query
+
+    handles = [target(m).register_forward_hook(hook) for m in (stock, conv)]
+    before = counts(conv)
+    got, want = run(conv, ids, mask).last_hidden_state, run(stock, ids, mask).last_hidden_state
+    assert seen == [torch.Tensor, torch.Tensor]  # called on both, with a plain (B, L, E) tensor
+    assert max_diff_on_real(got, want, mask) <= TOL
+    assert_fell_back(conv, before, "hooks", layers=[1])
+    if where == "query":
+        assert "attention.self.query" in reports(conv)[1].reason
+    for handle in handles:
+        handle.remove()
+    assert_fused_again(conv, stock)
+
+
+def test_forward_pre_hook_falls_back(model_dir):
+    stock, conv = pair(model_dir)
+    ids, mask = padded_batch(LENGTHS, seed=1)
+
+    def pre_hook(module, args):
+        return (args[0] * 0.5,)
+
+    handles = [m.encoder.layer[0].attention.self.key.register_forward_pre_hook(pre_hook) for m in (stock, conv)]
+    before = counts(conv)
+    got, want = run(conv, ids, mask).last_hidden_state, run(stock, ids, mask).last_hidden_state
+    assert max_diff_on_real(got, want, mask) <= TOL
+    assert_fell_back(conv, before, "hooks", layers=[0])
+    for handle in handles:
+        handle.remove()
+    assert_fused_again(conv, stock)
+
+
+class Adapter(nn.Module):
+    """Stands in for a LoRA-style wrapper: another module type that calls the original Linear."""
+
+    def __init__(self, inner: nn.Linear):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_replaced_query_module_falls_back(model_dir):
+    stock, conv = pair(model_dir)
+    ids, mask = padded_batch(LENGTHS, seed=1)
+    attn = conv.encoder.layer[0].attention.self
+    original = attn.query
+    attn.query = Adapter(original)
+    before = counts(conv)
+    got, want = run(conv, ids, mask).last_hidden_state, run(stock, ids, mask).last_hidden_state
+    assert max_diff_on_real(got, want, mask) <= TOL
+    assert_fell_back(conv, before, "attention.self.query", layers=[0])
+    attn.query = original
+    assert_fused_again(conv, stock)
+
+
+# ----------------------------------------------------------------------------- direct layer calls
+
+
+def _key_padding_mask_4d(mask: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L, L) bool, True = attend: the same key-padding row for every query."""
+    batch, length = mask.shape
+    return mask.bool()[:, None, None, :].expand(batch, 1, length, length)
+
+
+def test_mask_differing_between_query_rows_falls_back(model_dir):
+    stock, conv = pair(model_dir)
+    layer, stock_layer = conv.encoder.layer[-1], stock.encoder.layer[-1]
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 10, 256)
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()[None, None].expand(3, 1, 10, 10)
+    before = counts(conv)
+    with torch.inference_mode():
+        got = layer(hidden, causal)
+        want = BertLayer.forward(stock_layer, hidden, causal)
+    assert torch.allclose(got, want, atol=TOL, rtol=0)
+    assert_fell_back(conv, before, "query rows", layers=[LAYERS - 1])
+
+    # A key-padding mask in the same 4-D form is served by the kernel.
+    pad = torch.tensor([[1] * 10, [1] * 6 + [0] * 4, [1] * 3 + [0] * 7])
+    before = counts(conv)
+    with torch.inference_mode():
+        got = layer(hidden, _key_padding_mask_4d(pad))
+        want = BertLayer.forward(stock_layer, hidden, _key_padding_mask_4d(pad))
+    assert not got.is_nested and got.shape == want.shape
+    assert max_diff_on_real(got, want, pad) <= TOL
+    assert counts(conv)[-1] == (before[-1][0] + 1, before[-1][1])
+
+
+@pytest.mark.parametrize("index", range(LAYERS))
+def test_direct_call_of_any_layer_returns_dense_tensor(model_dir, index):
+    """A fused layer called on its own (not by the encoder loop) must return what the stock
+    layer returns: a (B, L, E) tensor, not the packed nested tensor the stack uses internally."""
+    stock, conv = pair(model_dir)
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 10, 256)
+    pad = torch.tensor([[1] * 10, [1] * 6 + [0] * 4, [1] * 3 + [0] * 7])
+    with torch.inference_mode():
+        got = conv.encoder.layer[index](hidden, _key_padding_mask_4d(pad))
+        want = BertLayer.forward(stock.encoder.layer[index], hidden, _key_padding_mask_4d(pad))
+    assert isinstance(got, torch.Tensor) and not got.is_nested
+    assert got.shape == want.shape
+    assert max_diff_on_real(got, want, pad) <= TOL
+
+
+def test_layer_list_truncated_after_convert(model_dir):
+    """Dropping layers after conversion (e.g. `encoder.layer = encoder.layer[:1]`) must still work."""
+    stock, conv = pair(model_dir)
+    stock.encoder.layer = stock.encoder.layer[:1]
+    conv.encoder.layer = conv.encoder.layer[:1]
+    ids, mask = padded_batch(LENGTHS, seed=1)
+    got, want = run(conv, ids, mask).last_hidden_state, run(stock, ids, mask).last_hidden_state
+    assert not got.is_nested and got.shape == want.shape
+    assert max_diff_on_real(got, want, mask) <= TOL
