@@ -58,23 +58,6 @@ class FusedLayer:
     def forward(self, hidden_states, *args, **kwargs):
         return _dispatch(self, hidden_states, args, kwargs)
 
-    # BetterTransformer's tensor names, always read from the live submodules.
-    @property
-    def in_proj_weight(self) -> torch.Tensor:
-        return fused_qkv(self)[0]
-
-    @property
-    def in_proj_bias(self) -> torch.Tensor:
-        return fused_qkv(self)[1]
-
-    @property
-    def num_heads(self) -> int:
-        return int(resolve_path(self, self._bt_spec.num_heads))
-
-    @property
-    def embed_dim(self) -> int:
-        return self._bt_module("out_proj").out_features
-
     def _bt_module(self, role: str) -> nn.Module:
         return resolve_path(self, getattr(self._bt_spec, role))
 
@@ -85,6 +68,33 @@ class FusedLayer:
         unfuse_qkv(self)
         state = dict(self.__dict__)
         return (_rebuild, (self._bt_stock_class, self._bt_spec.name), state)
+
+
+class _TensorName:
+    """BetterTransformer's name for one tensor or constant of a fused layer (`in_proj_weight`,
+    `linear1_bias`, `num_heads`, ...), read from the live submodules on access.
+
+    A non-data descriptor: a stock layer's own instance attribute of the same name (e.g. a
+    layer that stores `self.embed_dim`) wins, so stock code keeps working.
+    """
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return self
+        return getattr(layer_tensors(layer), self.name)
+
+
+for _name in (
+    "in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias", "linear1_weight", "linear1_bias",
+    "linear2_weight", "linear2_bias", "norm1_weight", "norm1_bias", "norm2_weight", "norm2_bias",
+    "norm1_eps", "num_heads", "embed_dim", "norm_first",
+):
+    _descriptor = _TensorName()
+    _descriptor.__set_name__(FusedLayer, _name)
+    setattr(FusedLayer, _name, _descriptor)
 
 
 _FUSED_CLASSES: dict[tuple[type, str], type] = {}
@@ -183,7 +193,7 @@ def layer_tensors(layer) -> LayerTensors:
     return LayerTensors(
         weight, bias, out.weight, out.bias, lin1.weight, lin1.bias, lin2.weight, lin2.bias,
         norm1.weight, norm1.bias, norm2.weight, norm2.bias, norm1.eps,
-        layer.num_heads, out.out_features, layer._bt_spec.norm_first,
+        int(resolve_path(layer, layer._bt_spec.num_heads)), out.out_features, layer._bt_spec.norm_first,
         activation_name(layer._bt_module("activation")),
     )
 
