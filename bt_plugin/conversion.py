@@ -110,7 +110,7 @@ def convert(model: nn.Module, *, kernel: str = "auto", strict: bool = True) -> n
         logger.warning("bt_plugin left %s stock: %s", type(model).__name__, reason)
         return model
     for planned in todo:
-        _swap(planned.layer, result.spec, result.kernel)
+        _swap(planned.layer, result.spec, kernel)
     for list_path in dict.fromkeys(p.list_path for p in todo):
         owner_path, _, attribute = list_path.rpartition(".")
         owner = resolve_path(model, owner_path) if owner_path else model

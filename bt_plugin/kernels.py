@@ -1,8 +1,13 @@
-"""The compute kernels behind a fused layer.
+"""The compute kernels behind a fused layer, one interface: `pack`, `layer`, `unpack`.
 
 `fastpath` is PyTorch's fused encoder-layer kernel (`torch._transformer_encoder_layer_fwd`, the
-BetterTransformer kernel) run on nested tensors: padding is dropped when the stack's first layer
-nests the hidden states from the key-padding mask and restored once after the last layer.
+BetterTransformer kernel) on nested tensors. `packed` removes padding into a `[T, E]` matrix of
+real tokens: every linear, layer norm, activation and residual runs on it (one fused QKV
+matmul); attention runs per sequence on a compact padded view (each row's real tokens moved to
+the front, padded only to the longest real row) with a key-padding mask.
+
+A stack packs once at its first layer and unpacks once after its last (see layer.py), so the
+`pack`/`unpack` cost is paid once per forward, not per layer.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 def _consume_nested_prototype_warning() -> None:
@@ -46,6 +52,18 @@ class LayerTensors:
     embed_dim: int
     norm_first: bool
     activation: str
+    norm2_eps: float = 1e-5
+    activation_fn: object = None
+
+
+def _dtype_reason(name: str, dtypes: dict, hidden: torch.Tensor) -> str | None:
+    served = dtypes.get(hidden.device.type)
+    if served is None:
+        return f"device was {hidden.device.type} ({name} serves {', '.join(dtypes)})"
+    if hidden.dtype not in served:
+        names = ", ".join(str(d).replace("torch.", "") for d in served)
+        return f"dtype was {str(hidden.dtype).replace('torch.', '')} ({name} on {hidden.device.type} serves {names})"
+    return None
 
 
 class FastpathKernel:
@@ -71,28 +89,22 @@ class FastpathKernel:
 
     def input_reason(self, hidden: torch.Tensor) -> str | None:
         """Why this kernel cannot take these hidden states (device, dtype), or None."""
-        served = self.dtypes.get(hidden.device.type)
-        if served is None:
-            return f"device was {hidden.device.type} (fastpath serves {', '.join(self.dtypes)})"
-        if hidden.dtype not in served:
-            names = ", ".join(str(d).replace("torch.", "") for d in served)
-            return f"dtype was {str(hidden.dtype).replace('torch.', '')} (fastpath on {hidden.device.type} serves {names})"
-        if not torch.backends.mha.get_fastpath_enabled():
-            return "torch.backends.mha.get_fastpath_enabled() was False"
-        return None
+        reason = _dtype_reason(self.name, self.dtypes, hidden)
+        if reason is None and not torch.backends.mha.get_fastpath_enabled():
+            reason = "torch.backends.mha.get_fastpath_enabled() was False"
+        return reason
 
-    def pack(self, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Drop padding: a nested tensor of the real tokens of each (right-padded) row."""
-        return torch._nested_tensor_from_mask(hidden, keep, mask_check=False)
+    def pack(self, hidden: torch.Tensor, keep: torch.Tensor | None):
+        """`(carrier, state)`: a nested tensor of each (right-padded) row's real tokens."""
+        if keep is None:
+            return hidden, None
+        return torch._nested_tensor_from_mask(hidden, keep, mask_check=False), tuple(hidden.shape)
 
-    def unpack(self, packed: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    def unpack(self, carrier: torch.Tensor, state) -> torch.Tensor:
         """Restore the `(B, L, E)` layout; padded positions are zeros."""
-        return packed.to_padded_tensor(0.0, (batch, length, packed.size(-1)))
+        return carrier if state is None else carrier.to_padded_tensor(0.0, state)
 
-    def is_packed(self, hidden: torch.Tensor) -> bool:
-        return hidden.is_nested
-
-    def layer(self, hidden: torch.Tensor, t: LayerTensors) -> torch.Tensor:
+    def layer(self, hidden: torch.Tensor, t: LayerTensors, state=None) -> torch.Tensor:
         """One encoder layer on nested (or unpadded dense) hidden states."""
         return torch._transformer_encoder_layer_fwd(
             hidden, t.embed_dim, t.num_heads,
@@ -104,9 +116,102 @@ class FastpathKernel:
         )
 
 
-KERNELS = {"fastpath": FastpathKernel()}
-# What "auto" picks per device type; see docs and the benchmark for the measurements behind it.
-AUTO_KERNEL = {"cpu": "fastpath", "cuda": "fastpath"}
+@dataclass
+class PackState:
+    """Where the `T` real tokens of a `(B, L)` batch live.
+
+    `rows` are their flat positions in `B * L` (row-major); `slots` their positions in the
+    compact `B * width` attention view, where each row's real tokens come first and `width` is
+    the longest real row. `attn_mask` is `(B, 1, 1, width)` (True = real key), None when every
+    row fills the view.
+    """
+
+    batch: int
+    length: int
+    width: int
+    rows: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+    attn_mask: torch.Tensor | None = None
+
+
+class PackedKernel:
+    """Padding removed once; every dense op on the `[T, E]` matrix of real tokens."""
+
+    name = "packed"
+    right_padded_only = False
+    dtypes = {
+        "cpu": (torch.float32, torch.bfloat16, torch.float16),
+        "cuda": (torch.float32, torch.bfloat16, torch.float16),
+    }
+
+    def static_reason(self, *, activation: str, num_heads: int, norm1_eps: float, norm2_eps: float,
+                      has_biases: bool) -> str | None:
+        """Packed computes any elementwise activation and any head count exactly."""
+        if not has_biases:
+            return "a projection had no bias (not supported by packed yet)"
+        return None
+
+    def input_reason(self, hidden: torch.Tensor) -> str | None:
+        return _dtype_reason(self.name, self.dtypes, hidden)
+
+    def pack(self, hidden: torch.Tensor, keep: torch.Tensor | None):
+        """`(carrier, state)`: the `[T, E]` real tokens (all `B * L` rows when `keep` is None)."""
+        batch, length, embed = hidden.shape
+        flat = hidden.reshape(batch * length, embed)
+        if keep is None:
+            return flat, PackState(batch, length, length)
+        counts = keep.sum(dim=1)
+        width = int(counts.max())
+        rank = keep.cumsum(dim=1) - 1
+        slots = (torch.arange(batch, device=keep.device).unsqueeze(1) * width + rank)[keep]
+        rows = keep.reshape(-1).nonzero().squeeze(1)
+        attn_mask = None
+        if bool((counts != width).any()):
+            attn_mask = (torch.arange(width, device=keep.device) < counts.unsqueeze(1))[:, None, None, :]
+        return flat.index_select(0, rows), PackState(batch, length, width, rows, slots, attn_mask)
+
+    def unpack(self, carrier: torch.Tensor, state: PackState) -> torch.Tensor:
+        """Restore `(B, L, E)`; padded positions are zeros."""
+        embed = carrier.size(-1)
+        if state.rows is None:
+            return carrier.view(state.batch, state.length, embed)
+        out = carrier.new_zeros(state.batch * state.length, embed)
+        return out.index_copy_(0, state.rows, carrier).view(state.batch, state.length, embed)
+
+    def layer(self, x: torch.Tensor, t: LayerTensors, state: PackState) -> torch.Tensor:
+        """One encoder layer (post- or pre-layer-norm) on the packed `[T, E]` tokens."""
+        shape = (t.embed_dim,)
+        if t.norm_first:
+            x = x + self._attention(F.layer_norm(x, shape, t.norm1_weight, t.norm1_bias, t.norm1_eps), t, state)
+            return x + self._feed_forward(F.layer_norm(x, shape, t.norm2_weight, t.norm2_bias, t.norm2_eps), t)
+        x = F.layer_norm(x + self._attention(x, t, state), shape, t.norm1_weight, t.norm1_bias, t.norm1_eps)
+        return F.layer_norm(x + self._feed_forward(x, t), shape, t.norm2_weight, t.norm2_bias, t.norm2_eps)
+
+    @staticmethod
+    def _feed_forward(x: torch.Tensor, t: LayerTensors) -> torch.Tensor:
+        hidden = t.activation_fn(F.linear(x, t.linear1_weight, t.linear1_bias))
+        return F.linear(hidden, t.linear2_weight, t.linear2_bias)
+
+    @staticmethod
+    def _attention(x: torch.Tensor, t: LayerTensors, state: PackState) -> torch.Tensor:
+        """Self-attention of each sequence over its own real tokens, output projected, `[T, E]`."""
+        qkv = F.linear(x, t.in_proj_weight, t.in_proj_bias)
+        if state.slots is not None:  # scatter into the compact per-sequence view
+            qkv = qkv.new_zeros(state.batch * state.width, qkv.size(1)).index_copy_(0, state.slots, qkv)
+        heads, size = t.num_heads, t.embed_dim // t.num_heads
+        q, k, v = qkv.view(state.batch, state.width, 3, heads, size).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=state.attn_mask)
+        out = out.transpose(1, 2).reshape(state.batch * state.width, t.embed_dim)
+        if state.slots is not None:
+            out = out.index_select(0, state.slots)
+        return F.linear(out, t.out_proj_weight, t.out_proj_bias)
+
+
+KERNELS = {"fastpath": FastpathKernel(), "packed": PackedKernel()}
+# What "auto" picks per device type. CPU: packed (measured by `python -m bt_plugin bench`; the
+# fused C++ kernel loses much of its gain to nested-tensor conversions there). CUDA: fastpath,
+# the published BetterTransformer path, until a GPU measurement says otherwise.
+AUTO_KERNEL = {"cpu": "packed", "cuda": "fastpath"}
 KERNEL_CHOICES = ("auto", *KERNELS)
 
 
@@ -120,9 +225,9 @@ def check_kernel_name(name: str) -> str:
 def resolve_kernel_name(name: str, device_type: str) -> str:
     """The concrete kernel for a choice on a device (`auto` looks up AUTO_KERNEL)."""
     check_kernel_name(name)
-    return AUTO_KERNEL.get(device_type, "fastpath") if name == "auto" else name
+    return AUTO_KERNEL.get(device_type, "packed") if name == "auto" else name
 
 
-def get_kernel(name: str) -> FastpathKernel:
-    """The kernel registered under a concrete name."""
-    return KERNELS[check_kernel_name(name)]
+def get_kernel(name: str, device_type: str = "cpu"):
+    """The kernel for a choice (`auto` resolved for `device_type`)."""
+    return KERNELS[resolve_kernel_name(name, device_type)]

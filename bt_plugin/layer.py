@@ -25,7 +25,7 @@ from bt_plugin.eligibility import call_reason, layer_reason
 from bt_plugin.kernels import LayerTensors, get_kernel
 from bt_plugin.masks import key_padding_mask, padding_reason
 from bt_plugin.spec import EncoderSpec, resolve_path
-from bt_plugin.stack import live_layers
+from bt_plugin.stack import live_layers, running_frame
 
 _refuse_lock = threading.Lock()
 
@@ -190,11 +190,12 @@ def layer_tensors(layer) -> LayerTensors:
     weight, bias = fused_qkv(layer)
     out, lin1, lin2 = layer._bt_module("out_proj"), layer._bt_module("linear1"), layer._bt_module("linear2")
     norm1, norm2 = layer._bt_module("norm1"), layer._bt_module("norm2")
+    activation = layer._bt_module("activation")
     return LayerTensors(
         weight, bias, out.weight, out.bias, lin1.weight, lin1.bias, lin2.weight, lin2.bias,
         norm1.weight, norm1.bias, norm2.weight, norm2.bias, norm1.eps,
         int(resolve_path(layer, layer._bt_spec.num_heads)), out.out_features, layer._bt_spec.norm_first,
-        activation_name(layer._bt_module("activation")),
+        activation_name(activation), norm2.eps, activation,
     )
 
 
@@ -214,30 +215,41 @@ def _returned(layer, hidden: torch.Tensor):
     return (hidden,) if layer._bt_spec.returns_tuple else hidden
 
 
+def _kernel_for(layer, hidden):
+    device = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
+    return get_kernel(layer.__dict__.get("_bt_kernel", "auto"), device)
+
+
 def _dispatch(layer, hidden, args: tuple, kwargs: dict):
     """Run the kernel when the call can be served, else the stock forward, recording why."""
-    kernel = get_kernel(layer.__dict__.get("_bt_kernel", "fastpath"))
-    mask = _mask_argument(layer, args, kwargs)
-    if isinstance(hidden, torch.Tensor) and kernel.is_packed(hidden):
-        # An earlier layer of this stack packed the call after checking every layer of the stack.
-        out = kernel.layer(hidden, layer_tensors(layer))
-        _stats(layer).fused()
-        if _is_last(layer):
-            out = kernel.unpack(out, out.size(0), mask.shape[-1])
-        return _returned(layer, out)
-    keep, reason = _eligible(layer, hidden, args, kwargs, mask, kernel)
+    frame = running_frame(layer)
+    if frame is not None and frame.carrier is not None and hidden is frame.carrier:
+        return _continue_packed(layer, frame)
+    kernel = _kernel_for(layer, hidden)
+    keep, reason = _eligible(layer, hidden, args, kwargs, _mask_argument(layer, args, kwargs), kernel)
     if reason:
         _current_qkv(layer)  # after .half() etc. a fallback must not keep the old weights alive
         _stats(layer).fell_back(reason)
         return layer._bt_stock_class.forward(layer, hidden, *args, **kwargs)
     _stats(layer).fused()
-    tensors = layer_tensors(layer)
-    if keep is None:  # nothing padded: the kernel takes the dense tensor as is
-        return _returned(layer, kernel.layer(hidden, tensors))
-    out = kernel.layer(kernel.pack(hidden, keep), tensors)
-    if _stays_packed(layer, hidden, kernel):
-        return out  # the next layer of this stack continues on the packed tensor
-    return _returned(layer, kernel.unpack(out, hidden.size(0), hidden.size(1)))
+    carrier, state = kernel.pack(hidden, keep)
+    out = kernel.layer(carrier, layer_tensors(layer), state)
+    if frame is not None and _stays_packed(layer, hidden, kernel):
+        frame.carrier, frame.state, frame.kernel = out, state, kernel
+        return _returned(layer, out)  # the next layer of this stack continues on it
+    return _returned(layer, kernel.unpack(out, state))
+
+
+def _continue_packed(layer, frame):
+    """A later layer of a stack whose first layer packed the call (after checking every layer)."""
+    out = frame.kernel.layer(frame.carrier, layer_tensors(layer), frame.state)
+    _stats(layer).fused()
+    layers = live_layers(layer)
+    if layers is None or layers[-1] is layer:
+        frame.carrier = None
+        return _returned(layer, frame.kernel.unpack(out, frame.state))
+    frame.carrier = out
+    return _returned(layer, out)
 
 
 def _eligible(layer, hidden, args, kwargs, mask, kernel):
@@ -252,25 +264,19 @@ def _eligible(layer, hidden, args, kwargs, mask, kernel):
     return keep, reason
 
 
-def _is_last(layer) -> bool:
-    layers = live_layers(layer, running_only=False)
-    return layers is None or len(layers) == 0 or layers[-1] is layer
-
-
 def _stays_packed(layer, hidden, kernel) -> bool:
-    """Keep the stack packed only inside its owner's layer loop, when this is the first layer and
-    every later layer can serve the call.
+    """Keep the stack packed when this is its first layer and every later layer can serve the call.
 
     When hidden states are being recorded each layer must return `(B, L, E)`, so layers pack and
     unpack one by one instead.
     """
-    layers = live_layers(layer, running_only=True)
+    layers = live_layers(layer)
     if layers is None or len(layers) < 2 or layers[0] is not layer:
         return False
     if "hidden_states" in recorded_outputs():
         return False
     for other in list(layers)[1:]:
-        if not isinstance(other, FusedLayer) or other.__dict__.get("_bt_kernel", "fastpath") != kernel.name:
+        if not isinstance(other, FusedLayer) or _kernel_for(other, hidden) is not kernel:
             return False
         if layer_reason(other, other._bt_spec, hidden, kernel):
             return False

@@ -62,10 +62,12 @@ def _as_keep(rows: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
 
 
 def padding_reason(keep: torch.Tensor, *, right_padded_only: bool) -> str | None:
-    """Reasons a kernel cannot use `keep`: a row without real tokens, or padding on the left."""
-    counts = keep.sum(dim=1)
-    if bool((counts == 0).any()):
-        return "a row of the attention mask had no real token"
+    """Reasons a right-padding-only kernel (fastpath) cannot use `keep`: a row without real
+    tokens, or padding on the left or in gaps. The packed kernel takes any key-padding mask."""
+    if not right_padded_only:
+        return None
+    if bool((keep.sum(dim=1) == 0).any()):
+        return "a row of the attention mask had no real token (fastpath needs one per row)"
     if right_padded_only and bool((keep[:, 1:] & ~keep[:, :-1]).any()):
         return "attention mask was not right-padded (left padding or gaps; fastpath needs right padding)"
     return None

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from bt_plugin.conversion import plan
+from bt_plugin.kernels import resolve_kernel_name
 from bt_plugin.layer import FusedLayer, LayerStats
 
 
@@ -88,7 +89,9 @@ def _report(path: str, layer: nn.Module, static_reason: str | None) -> LayerRepo
     if not isinstance(layer, FusedLayer):
         return LayerReport(path, False, None, static_reason or "not converted (call bt_plugin.convert)")
     stats: LayerStats = layer.__dict__.get("_bt_stats") or LayerStats()
+    device = next(layer.parameters()).device.type
+    kernel = resolve_kernel_name(layer.__dict__.get("_bt_kernel", "auto"), device)
     return LayerReport(
-        path, True, layer.__dict__.get("_bt_kernel"), stats.last_reason,
+        path, True, kernel, stats.last_reason,
         stats.fused_calls, stats.fallback_calls, dict(stats.reasons),
     )

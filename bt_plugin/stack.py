@@ -10,10 +10,22 @@ live from the owner, so truncating or reordering it after conversion stays corre
 from __future__ import annotations
 
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 from torch import nn
 
-_running: ContextVar[nn.Module | None] = ContextVar("bt_plugin_running_stack", default=None)
+
+@dataclass
+class Frame:
+    """One run of an owner's layer loop: the packed tensor handed from layer to layer, if any."""
+
+    owner: nn.Module
+    carrier: object = None
+    state: object = None
+    kernel: object = None
+
+
+_running: ContextVar[Frame | None] = ContextVar("bt_plugin_running_stack", default=None)
 
 
 class StackOwner:
@@ -22,7 +34,7 @@ class StackOwner:
     _bt_stock_class: type
 
     def forward(self, *args, **kwargs):
-        token = _running.set(self)
+        token = _running.set(Frame(self))
         try:
             return type(self)._bt_stock_class.forward(self, *args, **kwargs)
         finally:
@@ -70,14 +82,20 @@ def detach(owner: nn.Module) -> None:
         owner.__class__ = type(owner)._bt_stock_class
 
 
-def live_layers(layer: nn.Module, *, running_only: bool) -> nn.ModuleList | None:
-    """The layer list `layer` belongs to, read from its owner now; None if it has none (or,
-    with `running_only`, if the owner is not running its layer loop in this context)."""
+def running_frame(layer: nn.Module) -> Frame | None:
+    """The frame of `layer`'s owner if that owner is running its layer loop in this context."""
+    frame = _running.get()
+    owner_and_attribute = layer.__dict__.get("_bt_owner")
+    if frame is None or owner_and_attribute is None or frame.owner is not owner_and_attribute[0]:
+        return None
+    return frame
+
+
+def live_layers(layer: nn.Module) -> nn.ModuleList | None:
+    """The layer list `layer` belongs to, read from its owner now; None if it has none."""
     owner_and_attribute = layer.__dict__.get("_bt_owner")
     if owner_and_attribute is None:
         return None
     owner, attribute = owner_and_attribute
-    if running_only and _running.get() is not owner:
-        return None
     layers = getattr(owner, attribute, None)
     return layers if isinstance(layers, nn.ModuleList) else None

@@ -26,10 +26,10 @@ def load(directory, **kwargs):
     return model_class("bert").from_pretrained(directory, **kwargs).eval()
 
 
-def pair(directory, **kwargs):
+def pair(directory, kernel="auto", **kwargs):
     """(stock, converted) loaded from the same directory."""
     stock = load(directory, **kwargs)
-    converted = bt_plugin.convert(load(directory, **kwargs))
+    converted = bt_plugin.convert(load(directory, **kwargs), kernel=kernel)
     return stock, converted
 
 
@@ -157,7 +157,8 @@ def test_output_hidden_states_runs_fused_and_later_calls_stay_fused(model_dir):
 
 
 def test_left_padded_mask_falls_back(model_dir):
-    stock, conv = pair(model_dir)
+    """fastpath builds nested tensors from right-padded masks only (packed takes any mask)."""
+    stock, conv = pair(model_dir, kernel="fastpath")
     ids, mask = padded_batch(LENGTHS, seed=1)
     ids, mask = ids.flip(1), mask.flip(1)  # left padding
     before = counts(conv)
@@ -168,7 +169,7 @@ def test_left_padded_mask_falls_back(model_dir):
 
 
 def test_row_without_real_tokens_falls_back(model_dir):
-    stock, conv = pair(model_dir)
+    stock, conv = pair(model_dir, kernel="fastpath")
     ids, mask = padded_batch(LENGTHS, seed=1)
     mask[2] = 0
     before = counts(conv)

@@ -50,8 +50,8 @@ def load(directory, head=False, **kwargs):
     return model_class("bert", head).from_pretrained(directory, **kwargs).eval()
 
 
-def load_converted(directory, head=False, **kwargs):
-    model = bt_plugin.convert(load(directory, head, **kwargs))
+def load_converted(directory, head=False, kernel="auto", **kwargs):
+    model = bt_plugin.convert(load(directory, head, **kwargs), kernel=kernel)
     assert bt_plugin.is_converted(model)
     return model
 
@@ -244,7 +244,8 @@ def test_storage_change_keeps_matching_stock(base_dir, change, called_before):
 
 
 def test_half_falls_back_with_dtype_reason_then_float_is_fused(base_dir):
-    stock, conv = load(base_dir).half(), load_converted(base_dir).half()
+    """fastpath serves float32 only on CPU: fp16 falls back with a dtype reason."""
+    stock, conv = load(base_dir).half(), load_converted(base_dir, kernel="fastpath").half()
     ids, mask = padded_batch(LENGTHS)
     got, want = hidden(conv, ids, mask), hidden(stock, ids, mask)
     assert got.dtype == torch.float16
@@ -252,6 +253,19 @@ def test_half_falls_back_with_dtype_reason_then_float_is_fused(base_dir):
     fused, fallback = calls(conv)
     assert fused == 0 and fallback == 3
     assert all("dtype" in r and "float16" in r for r in reasons(conv)), reasons(conv)
+    stock, conv = stock.float(), conv.float()
+    assert_matches_stock(conv, stock)
+
+
+def test_half_runs_packed_and_matches_stock_half(base_dir):
+    """The packed kernel runs the same torch ops as stock, so fp16 is served (and re-fused)."""
+    stock, conv = load(base_dir).half(), load_converted(base_dir, kernel="packed").half()
+    ids, mask = padded_batch(LENGTHS)
+    got, want = hidden(conv, ids, mask), hidden(stock, ids, mask)
+    assert got.dtype == torch.float16
+    assert max_diff_on_real(got.float(), want.float(), mask) <= 1e-2
+    fused, fallback = calls(conv)
+    assert fused == 3 and fallback == 0
     stock, conv = stock.float(), conv.float()
     assert_matches_stock(conv, stock)
 

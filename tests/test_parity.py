@@ -20,6 +20,13 @@ from support import ARCHITECTURES, make_config, max_diff_on_real, model_class, p
 ATOL = 1e-5
 NUM_LAYERS = 3
 MODEL_TYPES = list(ARCHITECTURES)
+KERNELS = ["fastpath", "packed"]
+
+
+@pytest.fixture(scope="module", params=KERNELS)
+def kernel(request):
+    """Every parity test runs once per kernel."""
+    return request.param
 
 
 # --------------------------------------------------------------------------------------------
@@ -42,10 +49,10 @@ def saved(tmp_path_factory):
     return get
 
 
-def _load(model_type: str, path: str, head: bool, convert: bool, **kwargs):
+def _load(model_type: str, path: str, head: bool, convert: bool, kernel: str = "auto", **kwargs):
     cls = model_class(model_type, head)
     if convert:
-        with bt_plugin.enabled():
+        with bt_plugin.enabled(kernel=kernel):
             model = cls.from_pretrained(path, **kwargs)
     else:
         model = cls.from_pretrained(path, **kwargs)
@@ -66,7 +73,7 @@ def _assert_stock(model) -> None:
     assert all(layer.fused_calls == 0 for layer in report.layers)
 
 
-def _assert_converted(fused, stock) -> None:
+def _assert_converted(fused, stock, kernel: str) -> None:
     """Every encoder layer is a fused class that is still an instance of the stock layer class."""
     assert bt_plugin.is_converted(fused)
     report = bt_plugin.explain(fused)
@@ -77,7 +84,7 @@ def _assert_converted(fused, stock) -> None:
     stock_modules, fused_modules = dict(stock.named_modules()), dict(fused.named_modules())
     for layer_report in report.layers:
         assert layer_report.converted, str(report)
-        assert layer_report.kernel == "fastpath"
+        assert layer_report.kernel == kernel
         stock_layer, fused_layer = stock_modules[layer_report.path], fused_modules[layer_report.path]
         stock_class = type(stock_layer)
         assert not isinstance(stock_layer, FusedLayer)
@@ -87,7 +94,7 @@ def _assert_converted(fused, stock) -> None:
 
 
 @pytest.fixture(scope="module")
-def pairs(saved):
+def pairs(saved, kernel):
     """`pairs(model_type, head=False, **load_kwargs)` -> (stock, converted), loaded once each."""
     cache: dict[tuple, tuple] = {}
 
@@ -96,9 +103,9 @@ def pairs(saved):
         if key not in cache:
             path = saved(model_type, head)
             stock = _load(model_type, path, head, convert=False, **load_kwargs)
-            fused = _load(model_type, path, head, convert=True, **load_kwargs)
+            fused = _load(model_type, path, head, convert=True, kernel=kernel, **load_kwargs)
             _assert_stock(stock)
-            _assert_converted(fused, stock)
+            _assert_converted(fused, stock, kernel)
             cache[key] = (stock, fused)
         return cache[key]
 
@@ -152,12 +159,12 @@ def _assert_padding_zero(actual, mask) -> None:
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_enabled_scope_converts_and_stock_load_does_not(model_type, saved):
+def test_enabled_scope_converts_and_stock_load_does_not(model_type, saved, kernel):
     path = saved(model_type)
     stock = _load(model_type, path, head=False, convert=False)
-    fused = _load(model_type, path, head=False, convert=True)
+    fused = _load(model_type, path, head=False, convert=True, kernel=kernel)
     _assert_stock(stock)
-    _assert_converted(fused, stock)
+    _assert_converted(fused, stock, kernel)
     # the same weights: state dicts agree key for key
     stock_state, fused_state = stock.state_dict(), fused.state_dict()
     assert stock_state.keys() == fused_state.keys()
@@ -336,19 +343,20 @@ def _fused_again(stock, fused) -> None:
     assert all(layer.status == "fused" for layer in bt_plugin.explain(fused).layers)
 
 
-def _fresh_pair(saved, model_type: str, **load_kwargs):
+def _fresh_pair(saved, model_type: str, kernel: str = "fastpath", **load_kwargs):
     """A pair of its own, so the shared pairs never see a fallback."""
     path = saved(model_type)
     stock = _load(model_type, path, head=False, convert=False, **load_kwargs)
-    fused = _load(model_type, path, head=False, convert=True, **load_kwargs)
+    fused = _load(model_type, path, head=False, convert=True, kernel=kernel, **load_kwargs)
     _assert_stock(stock)
-    _assert_converted(fused, stock)
+    _assert_converted(fused, stock, kernel)
     return stock, fused
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
 def test_left_padding_falls_back_exactly(model_type, saved):
-    stock, fused = _fresh_pair(saved, model_type)
+    """fastpath needs right padding (nested tensors from a mask); it falls back exactly."""
+    stock, fused = _fresh_pair(saved, model_type, kernel="fastpath")
     ids, mask = padded_batch([7, 3, 5], seed=15, pad_token=_pad_id(stock))
     ids, mask = ids.flip(1), mask.flip(1)  # left padded
     expected, actual = _run_fallback(
@@ -409,7 +417,7 @@ def test_output_attentions_falls_back_exactly(saved):
 
 
 def test_row_without_real_tokens_falls_back(saved):
-    stock, fused = _fresh_pair(saved, "bert")
+    stock, fused = _fresh_pair(saved, "bert", kernel="fastpath")
     ids, mask = padded_batch([5, 1, 8], seed=19, pad_token=_pad_id(stock))
     mask[1] = 0
     expected, actual = _run_fallback(
@@ -418,6 +426,26 @@ def test_row_without_real_tokens_falls_back(saved):
     keep = mask.clone()
     _assert_close(expected.last_hidden_state, actual.last_hidden_state, keep)
     _fused_again(stock, fused)
+
+
+MASKS = {
+    "left_padding": lambda mask: mask.flip(1),
+    "gaps": lambda mask: mask * (torch.arange(mask.size(1)) % 3 != 1).long(),
+    "row_without_real_tokens": lambda mask: torch.cat([mask[:1], torch.zeros_like(mask[:1]), mask[1:]]),
+}
+
+
+@pytest.mark.parametrize("case", list(MASKS))
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_packed_serves_any_key_padding_mask(model_type, case, saved):
+    """The packed kernel takes any key-padding mask: left padding, gaps, an empty row."""
+    stock, fused = _fresh_pair(saved, model_type, kernel="packed")
+    ids, mask = padded_batch([7, 3, 9, 1], seed=21, pad_token=_pad_id(stock))
+    mask = MASKS[case](mask)
+    ids = torch.cat([ids[:1], ids[:1], ids[1:]]) if case == "row_without_real_tokens" else ids
+    expected, actual = _run_both(stock, fused, input_ids=ids, attention_mask=mask)
+    _assert_close(expected.last_hidden_state, actual.last_hidden_state, mask)
+    _assert_padding_zero(actual.last_hidden_state, mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,12 +492,12 @@ def test_stock_load_after_scope_is_stock(saved):
 
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
-def test_convert_revert_round_trip(model_type, saved):
+def test_convert_revert_round_trip(model_type, saved, kernel):
     path = saved(model_type)
     stock = _load(model_type, path, head=False, convert=False)
     model = _load(model_type, path, head=False, convert=False)
-    assert bt_plugin.convert(model) is model
-    _assert_converted(model, stock)
+    assert bt_plugin.convert(model, kernel=kernel) is model
+    _assert_converted(model, stock, kernel)
     ids, mask = padded_batch([5, 1, 9], seed=14, pad_token=_pad_id(stock))
     expected, actual = _run_both(stock, model, input_ids=ids, attention_mask=mask)
     _assert_close(expected.last_hidden_state, actual.last_hidden_state, mask)
