@@ -11,46 +11,45 @@ from torch import nn
 
 from bt_plugin.activations import activation_name
 from bt_plugin.compat import is_transformers_capture_hook, recorded_outputs
-from bt_plugin.spec import EncoderSpec, resolve_path
+from bt_plugin.spec import EncoderSpec, resolve_roles
 
 _LINEARS = ("query", "key", "value", "out_proj", "linear1", "linear2")
 _NORMS = ("norm1", "norm2")
 _UNSERVED_KWARGS = ("encoder_hidden_states", "cache", "past_key_values", "past_key_value", "layer_past")
 
 
-def structure_reason(layer: nn.Module, spec: EncoderSpec) -> str | None:
+def structure_reason(layer: nn.Module, spec: EncoderSpec, roles: dict | None = None) -> str | None:
     """Whether the layer still has the structure the spec describes (exact module types, shapes)."""
-    try:
-        modules = {role: resolve_path(layer, getattr(spec, role)) for role in _LINEARS + _NORMS + ("activation",)}
-        num_heads = int(resolve_path(layer, spec.num_heads))
-    except AttributeError as error:
-        return f"the layer no longer matches the {spec.name} spec ({error})"
+    if roles is None:
+        try:
+            roles = resolve_roles(layer, spec)
+        except AttributeError as error:
+            return f"the layer no longer matches the {spec.name} spec ({error})"
     for role in _LINEARS:
-        if type(modules[role]) is not nn.Linear:
-            return f"{getattr(spec, role)} was {_type_name(modules[role])}, not torch.nn.Linear (an adapter?)"
+        if type(roles[role]) is not nn.Linear:
+            return f"{getattr(spec, role)} was {_type_name(roles[role])}, not torch.nn.Linear (an adapter?)"
     for role in _NORMS:
-        norm = modules[role]
+        norm = roles[role]
         if type(norm) is not nn.LayerNorm or norm.weight is None or norm.bias is None:
             return f"{getattr(spec, role)} was {_type_name(norm)}, not an affine torch.nn.LayerNorm"
-    embed = modules["out_proj"].out_features
+    embed, num_heads = roles["out_proj"].out_features, int(roles["num_heads"])
     if num_heads <= 0 or embed % num_heads:
         return f"num_heads was {num_heads}, which does not divide hidden size {embed}"
     for role in ("query", "key", "value", "out_proj"):
-        if tuple(modules[role].weight.shape) != (embed, embed):
-            return f"{getattr(spec, role)} had weight shape {tuple(modules[role].weight.shape)}, expected ({embed}, {embed})"
+        if tuple(roles[role].weight.shape) != (embed, embed):
+            return f"{getattr(spec, role)} had weight shape {tuple(roles[role].weight.shape)}, expected ({embed}, {embed})"
     return None
 
 
-def kernel_reason(layer: nn.Module, spec: EncoderSpec, kernel) -> str | None:
+def kernel_reason(layer: nn.Module, spec: EncoderSpec, kernel, roles: dict | None = None) -> str | None:
     """Why `kernel` can never serve this layer's structure (activation, heads, eps, biases)."""
-    linears = [resolve_path(layer, getattr(spec, role)) for role in _LINEARS]
-    norm1, norm2 = resolve_path(layer, spec.norm1), resolve_path(layer, spec.norm2)
+    roles = roles if roles is not None else resolve_roles(layer, spec)
     return kernel.static_reason(
-        activation=activation_name(resolve_path(layer, spec.activation)),
-        num_heads=int(resolve_path(layer, spec.num_heads)),
-        norm1_eps=norm1.eps,
-        norm2_eps=norm2.eps,
-        has_biases=all(linear.bias is not None for linear in linears),
+        activation=activation_name(roles["activation"]),
+        num_heads=int(roles["num_heads"]),
+        norm1_eps=roles["norm1"].eps,
+        norm2_eps=roles["norm2"].eps,
+        has_biases=all(roles[role].bias is not None for role in _LINEARS),
     )
 
 
@@ -82,13 +81,20 @@ def layer_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor, kern
         return "the layer was in training mode (model.train())"
     if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in layer.parameters())):
         return "grad was enabled and parameters require grad (use torch.inference_mode() or torch.no_grad())"
-    reason = hook_reason(layer) or structure_reason(layer, spec) or kernel.input_reason(hidden)
+    reason = hook_reason(layer)
     if reason:
         return reason
-    weight = resolve_path(layer, spec.out_proj).weight
+    try:
+        roles = resolve_roles(layer, spec)
+    except AttributeError as error:
+        return f"the layer no longer matches the {spec.name} spec ({error})"
+    reason = structure_reason(layer, spec, roles) or kernel.input_reason(hidden)
+    if reason:
+        return reason
+    weight = roles["out_proj"].weight
     if weight.dtype != hidden.dtype or weight.device != hidden.device:
         return f"weights were {weight.dtype} on {weight.device}, hidden states {hidden.dtype} on {hidden.device}"
-    return kernel_reason(layer, spec, kernel)
+    return kernel_reason(layer, spec, kernel, roles)
 
 
 def hook_reason(layer: nn.Module) -> str | None:
@@ -97,11 +103,19 @@ def hook_reason(layer: nn.Module) -> str | None:
 
     if module_impl._global_forward_hooks or module_impl._global_forward_pre_hooks:
         return "global module forward hooks were registered"
-    for name, module in layer.named_modules():
-        hooks = list(module._forward_hooks.values()) + list(module._forward_pre_hooks.values())
-        if any(not is_transformers_capture_hook(hook) for hook in hooks):
+    pending = [layer]
+    while pending:  # a plain walk: named_modules() is too slow to run on every call
+        module = pending.pop()
+        if (module._forward_hooks or module._forward_pre_hooks) and _has_user_hook(module):
+            name = next(n for n, m in layer.named_modules() if m is module)
             return f"forward hooks were registered on {name or 'the layer'}"
+        pending.extend(child for child in module._modules.values() if child is not None)
     return None
+
+
+def _has_user_hook(module: nn.Module) -> bool:
+    hooks = list(module._forward_hooks.values()) + list(module._forward_pre_hooks.values())
+    return any(not is_transformers_capture_hook(hook) for hook in hooks)
 
 
 def _type_name(obj) -> str:

@@ -120,18 +120,15 @@ class FastpathKernel:
 class PackState:
     """Where the `T` real tokens of a `(B, L)` batch live.
 
-    `rows` are their flat positions in `B * L` (row-major); `slots` their positions in the
-    compact `B * width` attention view, where each row's real tokens come first and `width` is
-    the longest real row. `attn_mask` is `(B, 1, 1, width)` (True = real key), None when every
-    row fills the view.
+    `rows` are their flat positions in `B * L` (row-major; None when nothing is padded). Each
+    sequence's real tokens are contiguous in the packed matrix: `segments` lists `(start, count)`
+    per non-empty row, so attention runs per sequence on exactly its real tokens.
     """
 
     batch: int
     length: int
-    width: int
+    segments: list[tuple[int, int]]
     rows: torch.Tensor | None = None
-    slots: torch.Tensor | None = None
-    attn_mask: torch.Tensor | None = None
 
 
 class PackedKernel:
@@ -159,16 +156,14 @@ class PackedKernel:
         batch, length, embed = hidden.shape
         flat = hidden.reshape(batch * length, embed)
         if keep is None:
-            return flat, PackState(batch, length, length)
-        counts = keep.sum(dim=1)
-        width = int(counts.max())
-        rank = keep.cumsum(dim=1) - 1
-        slots = (torch.arange(batch, device=keep.device).unsqueeze(1) * width + rank)[keep]
+            return flat, PackState(batch, length, [(row * length, length) for row in range(batch)])
+        counts = keep.sum(dim=1).tolist()
+        starts = [0]
+        for count in counts[:-1]:
+            starts.append(starts[-1] + count)
+        segments = [(start, count) for start, count in zip(starts, counts) if count]
         rows = keep.reshape(-1).nonzero().squeeze(1)
-        attn_mask = None
-        if bool((counts != width).any()):
-            attn_mask = (torch.arange(width, device=keep.device) < counts.unsqueeze(1))[:, None, None, :]
-        return flat.index_select(0, rows), PackState(batch, length, width, rows, slots, attn_mask)
+        return flat.index_select(0, rows), PackState(batch, length, segments, rows)
 
     def unpack(self, carrier: torch.Tensor, state: PackState) -> torch.Tensor:
         """Restore `(B, L, E)`; padded positions are zeros."""
@@ -194,17 +189,26 @@ class PackedKernel:
 
     @staticmethod
     def _attention(x: torch.Tensor, t: LayerTensors, state: PackState) -> torch.Tensor:
-        """Self-attention of each sequence over its own real tokens, output projected, `[T, E]`."""
+        """Self-attention of each sequence over exactly its real tokens, projected: `[T, E]`.
+
+        One SDPA call per sequence on a slice of the packed QKV: no padded query, key or value is
+        ever computed, and no mask is needed.
+        """
         qkv = F.linear(x, t.in_proj_weight, t.in_proj_bias)
-        if state.slots is not None:  # scatter into the compact per-sequence view
-            qkv = qkv.new_zeros(state.batch * state.width, qkv.size(1)).index_copy_(0, state.slots, qkv)
-        heads, size = t.num_heads, t.embed_dim // t.num_heads
-        q, k, v = qkv.view(state.batch, state.width, 3, heads, size).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=state.attn_mask)
-        out = out.transpose(1, 2).reshape(state.batch * state.width, t.embed_dim)
-        if state.slots is not None:
-            out = out.index_select(0, state.slots)
+        counts = {count for _, count in state.segments}
+        if len(counts) == 1:  # equal lengths (e.g. nothing padded): one batched call
+            out = _sdpa(qkv, len(state.segments), counts.pop(), t)
+        else:
+            out = torch.cat([_sdpa(qkv[start:start + count], 1, count, t) for start, count in state.segments])
         return F.linear(out, t.out_proj_weight, t.out_proj_bias)
+
+
+def _sdpa(qkv: torch.Tensor, batch: int, count: int, t: LayerTensors) -> torch.Tensor:
+    """Unmasked attention of `batch` sequences of `count` tokens from their packed QKV rows."""
+    heads, size = t.num_heads, t.embed_dim // t.num_heads
+    q, k, v = qkv.view(batch, count, 3, heads, size).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(batch * count, t.embed_dim)
 
 
 KERNELS = {"fastpath": FastpathKernel(), "packed": PackedKernel()}

@@ -24,7 +24,7 @@ from bt_plugin.compat import recorded_outputs
 from bt_plugin.eligibility import call_reason, layer_reason
 from bt_plugin.kernels import LayerTensors, get_kernel
 from bt_plugin.masks import key_padding_mask, padding_reason
-from bt_plugin.spec import EncoderSpec, resolve_path
+from bt_plugin.spec import EncoderSpec, resolve_roles
 from bt_plugin.stack import live_layers, running_frame
 
 _refuse_lock = threading.Lock()
@@ -57,9 +57,6 @@ class FusedLayer:
 
     def forward(self, hidden_states, *args, **kwargs):
         return _dispatch(self, hidden_states, args, kwargs)
-
-    def _bt_module(self, role: str) -> nn.Module:
-        return resolve_path(self, getattr(self._bt_spec, role))
 
     def __reduce_ex__(self, protocol):
         # The class is made at run time: rebuild it from the stock class so pickle and deepcopy
@@ -120,8 +117,9 @@ def _rebuild(stock_class: type, spec_name: str):
     return object.__new__(fused_class_for(stock_class, all_specs()[spec_name]))
 
 
-def _qkv_parts(layer) -> list[nn.Linear]:
-    return [layer._bt_module("query"), layer._bt_module("key"), layer._bt_module("value")]
+def _qkv_parts(layer, roles: dict | None = None) -> list[nn.Linear]:
+    roles = roles if roles is not None else resolve_roles(layer, layer._bt_spec)
+    return [roles["query"], roles["key"], roles["value"]]
 
 
 def _is_view_of(fused: torch.Tensor, parts: list[torch.Tensor]) -> bool:
@@ -135,12 +133,12 @@ def _is_view_of(fused: torch.Tensor, parts: list[torch.Tensor]) -> bool:
     return True
 
 
-def _current_qkv(layer) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _current_qkv(layer, roles: dict | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The cached fused q/k/v if q/k/v still live in it; a stale cache is dropped (no double memory)."""
     cached = layer.__dict__.get("_bt_qkv")
     if cached is None:
         return None
-    parts = _qkv_parts(layer)
+    parts = _qkv_parts(layer, roles)
     if all(isinstance(p, nn.Linear) and p.bias is not None for p in parts) and _is_view_of(
         cached[0], [p.weight for p in parts]
     ) and _is_view_of(cached[1], [p.bias for p in parts]):
@@ -149,16 +147,16 @@ def _current_qkv(layer) -> tuple[torch.Tensor, torch.Tensor] | None:
     return None
 
 
-def fused_qkv(layer) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_qkv(layer, roles: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The `[3E, E]` in-projection weight and `[3E]` bias, whose slices *are* q/k/v's storage.
 
     Rebuilt (and q/k/v re-pointed into it) whenever `.to()`, `.half()`, `load_state_dict(assign=True)`
     or anything else gave a projection new storage, so the kernel never sees stale weights.
     """
-    cached = _current_qkv(layer)
+    cached = _current_qkv(layer, roles)
     if cached is not None:
         return cached
-    parts = _qkv_parts(layer)
+    parts = _qkv_parts(layer, roles)
     with _refuse_lock, torch.inference_mode(False), torch.no_grad():
         fused = (_concat_into_views([p.weight for p in parts]), _concat_into_views([p.bias for p in parts]))
         layer.__dict__["_bt_qkv"] = fused
@@ -187,14 +185,15 @@ def unfuse_qkv(layer) -> None:
 
 def layer_tensors(layer) -> LayerTensors:
     """Everything the kernel needs, read from the live modules."""
-    weight, bias = fused_qkv(layer)
-    out, lin1, lin2 = layer._bt_module("out_proj"), layer._bt_module("linear1"), layer._bt_module("linear2")
-    norm1, norm2 = layer._bt_module("norm1"), layer._bt_module("norm2")
-    activation = layer._bt_module("activation")
+    r = resolve_roles(layer, layer._bt_spec)
+    weight, bias = fused_qkv(layer, r)
+    out, lin1, lin2, norm1, norm2, activation = (
+        r["out_proj"], r["linear1"], r["linear2"], r["norm1"], r["norm2"], r["activation"]
+    )
     return LayerTensors(
         weight, bias, out.weight, out.bias, lin1.weight, lin1.bias, lin2.weight, lin2.bias,
         norm1.weight, norm1.bias, norm2.weight, norm2.bias, norm1.eps,
-        int(resolve_path(layer, layer._bt_spec.num_heads)), out.out_features, layer._bt_spec.norm_first,
+        int(r["num_heads"]), out.out_features, layer._bt_spec.norm_first,
         activation_name(activation), norm2.eps, activation,
     )
 

@@ -100,6 +100,25 @@ def config_flags_false(*names: str) -> ConfigCheck:
     return check
 
 
+ROLES = ("query", "key", "value", "out_proj", "norm1", "linear1", "activation", "linear2", "norm2", "num_heads")
+
+
+def resolve_roles(layer: Any, spec: EncoderSpec) -> dict[str, Any]:
+    """Every role of `spec` resolved on `layer` (raises AttributeError naming a missing part).
+
+    Runs on every call, so submodules are looked up in `_modules` directly (nn.Module's
+    `__getattr__` is slow); anything else falls back to getattr.
+    """
+    roles = {}
+    for role in ROLES:
+        obj = layer
+        for part in getattr(spec, role).split("."):
+            children = getattr(obj, "_modules", None)
+            obj = children[part] if children is not None and part in children else getattr(obj, part)
+        roles[role] = obj
+    return roles
+
+
 def resolve_path(root: Any, path: str) -> Any:
     """Follow a dotted attribute path from `root`; raises AttributeError naming the missing part."""
     obj = root
