@@ -115,7 +115,7 @@ def convert(model: nn.Module, *, kernel: str = "auto", strict: bool = True) -> n
         owner_path, _, attribute = list_path.rpartition(".")
         owner = resolve_path(model, owner_path) if owner_path else model
         attach(owner, attribute, getattr(owner, attribute))
-    model.__dict__["_bt_plugin"] = {"spec": result.spec.name, "kernel": result.kernel}
+    model.__dict__["_bt_plugin"] = {"spec": result.spec.name, "kernel": kernel}
     total = len(result.layers)
     fused = converted + len(todo)
     logger.info("%s: %d/%d layers fused (%s)", type(model).__name__, fused, total, result.kernel)

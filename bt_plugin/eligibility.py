@@ -30,8 +30,8 @@ def structure_reason(layer: nn.Module, spec: EncoderSpec, roles: dict | None = N
             return f"{getattr(spec, role)} was {_type_name(roles[role])}, not torch.nn.Linear (an adapter?)"
     for role in _NORMS:
         norm = roles[role]
-        if type(norm) is not nn.LayerNorm or norm.weight is None or norm.bias is None:
-            return f"{getattr(spec, role)} was {_type_name(norm)}, not an affine torch.nn.LayerNorm"
+        if type(norm) is not nn.LayerNorm:
+            return f"{getattr(spec, role)} was {_type_name(norm)}, not torch.nn.LayerNorm"
     embed, num_heads = roles["out_proj"].out_features, int(roles["num_heads"])
     if num_heads <= 0 or embed % num_heads:
         return f"num_heads was {num_heads}, which does not divide hidden size {embed}"
@@ -49,7 +49,8 @@ def kernel_reason(layer: nn.Module, spec: EncoderSpec, kernel, roles: dict | Non
         num_heads=int(roles["num_heads"]),
         norm1_eps=roles["norm1"].eps,
         norm2_eps=roles["norm2"].eps,
-        has_biases=all(roles[role].bias is not None for role in _LINEARS),
+        has_biases=all(roles[role].bias is not None for role in _LINEARS + _NORMS)
+        and all(roles[role].weight is not None for role in _NORMS),
     )
 
 

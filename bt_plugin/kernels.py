@@ -84,7 +84,7 @@ class FastpathKernel:
         if norm1_eps != norm2_eps:
             return f"layer norm eps differed ({norm1_eps} and {norm2_eps}; the kernel takes one)"
         if not has_biases:
-            return "a projection had no bias (the fused kernel needs every bias)"
+            return "a projection or layer norm had no bias or weight (the fused kernel needs them all)"
         return None
 
     def input_reason(self, hidden: torch.Tensor) -> str | None:
@@ -143,9 +143,7 @@ class PackedKernel:
 
     def static_reason(self, *, activation: str, num_heads: int, norm1_eps: float, norm2_eps: float,
                       has_biases: bool) -> str | None:
-        """Packed computes any elementwise activation and any head count exactly."""
-        if not has_biases:
-            return "a projection had no bias (not supported by packed yet)"
+        """Packed computes any elementwise activation, head count, eps and missing bias exactly."""
         return None
 
     def input_reason(self, hidden: torch.Tensor) -> str | None:

@@ -122,54 +122,69 @@ def _qkv_parts(layer, roles: dict | None = None) -> list[nn.Linear]:
     return [roles["query"], roles["key"], roles["value"]]
 
 
-def _is_view_of(fused: torch.Tensor, parts: list[torch.Tensor]) -> bool:
+def _is_view_of(fused: torch.Tensor | None, parts: list[torch.Tensor | None], rows: list[int]) -> bool:
+    """Whether each present part is the slice of `fused` at its place (absent biases are zeros)."""
+    if fused is None:
+        return all(part is None for part in parts)
     offset = fused.data_ptr()
-    for part in parts:
-        if part.dtype != fused.dtype or part.device != fused.device or not part.is_contiguous():
+    step = fused.stride(0) * fused.element_size()
+    for part, count in zip(parts, rows):
+        if part is not None and (
+            part.dtype != fused.dtype or part.device != fused.device
+            or not part.is_contiguous() or part.data_ptr() != offset
+        ):
             return False
-        if part.data_ptr() != offset:
-            return False
-        offset += part.numel() * part.element_size()
+        offset += count * step
     return True
 
 
-def _current_qkv(layer, roles: dict | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _current_qkv(layer, roles: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """The cached fused q/k/v if q/k/v still live in it; a stale cache is dropped (no double memory)."""
     cached = layer.__dict__.get("_bt_qkv")
     if cached is None:
         return None
     parts = _qkv_parts(layer, roles)
-    if all(isinstance(p, nn.Linear) and p.bias is not None for p in parts) and _is_view_of(
-        cached[0], [p.weight for p in parts]
-    ) and _is_view_of(cached[1], [p.bias for p in parts]):
-        return cached
+    if all(type(p) is nn.Linear for p in parts):
+        rows = [p.out_features for p in parts]
+        if _is_view_of(cached[0], [p.weight for p in parts], rows) and _is_view_of(
+            cached[1], [p.bias for p in parts], rows
+        ):
+            return cached
     layer.__dict__.pop("_bt_qkv", None)
     return None
 
 
-def fused_qkv(layer, roles: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_qkv(layer, roles: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The `[3E, E]` in-projection weight and `[3E]` bias, whose slices *are* q/k/v's storage.
 
     Rebuilt (and q/k/v re-pointed into it) whenever `.to()`, `.half()`, `load_state_dict(assign=True)`
-    or anything else gave a projection new storage, so the kernel never sees stale weights.
+    or anything else gave a projection new storage, so the kernel never sees stale weights. A
+    projection without bias gets zeros in the fused bias (None when none has a bias).
     """
     cached = _current_qkv(layer, roles)
     if cached is not None:
         return cached
     parts = _qkv_parts(layer, roles)
     with _refuse_lock, torch.inference_mode(False), torch.no_grad():
-        fused = (_concat_into_views([p.weight for p in parts]), _concat_into_views([p.bias for p in parts]))
-        layer.__dict__["_bt_qkv"] = fused
+        weight = _concat_into_views([p.weight for p in parts], parts[0].weight)
+        bias = None
+        if any(p.bias is not None for p in parts):
+            bias = _concat_into_views([p.bias for p in parts], weight, [p.out_features for p in parts])
+        layer.__dict__["_bt_qkv"] = fused = (weight, bias)
     return fused
 
 
-def _concat_into_views(params: list[nn.Parameter]) -> torch.Tensor:
-    fused = torch.cat([p.detach() for p in params])
+def _concat_into_views(params: list, like: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+    pieces = [
+        p.detach() if p is not None else like.new_zeros(count)
+        for p, count in zip(params, rows or [p.shape[0] for p in params])
+    ]
+    fused = torch.cat(pieces)
     start = 0
-    for param in params:
-        rows = param.shape[0]
-        param.data = fused[start:start + rows]  # same Parameter object, storage now shared
-        start += rows
+    for param, piece in zip(params, pieces):
+        if param is not None:
+            param.data = fused[start:start + piece.shape[0]]  # same Parameter object, storage now shared
+        start += piece.shape[0]
     return fused
 
 

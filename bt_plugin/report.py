@@ -68,8 +68,13 @@ class Explanation:
         return "\n".join(lines)
 
 
-def explain(model: nn.Module) -> Explanation:
+def explain(model: nn.Module, kernel: str | None = None) -> Explanation:
     """Report, per encoder layer, whether it is fused and, if not, why.
+
+    Args:
+        model: Any model; for one that is not converted, the report says what `convert` would do.
+        kernel: For layers not converted, judge them for this kernel (default: the kernel the
+            model was converted with, else `"auto"`).
 
     Example:
         ```python
@@ -78,7 +83,7 @@ def explain(model: nn.Module) -> Explanation:
           encoder.layer.0   fused   kernel=fastpath fused_calls=1 fallback_calls=0
         ```
     """
-    kernel = model.__dict__.get("_bt_plugin", {}).get("kernel", "auto")
+    kernel = kernel or model.__dict__.get("_bt_plugin", {}).get("kernel", "auto")
     result = plan(model, kernel)
     reports = [_report(p.path, p.layer, p.reason) for p in result.layers]
     family = result.spec.name if result.spec else None
