@@ -51,7 +51,17 @@ def kernel_reason(layer: nn.Module, spec: EncoderSpec, kernel, roles: dict | Non
         norm2_eps=roles["norm2"].eps,
         has_biases=all(roles[role].bias is not None for role in _LINEARS + _NORMS)
         and all(roles[role].weight is not None for role in _NORMS),
+        plain_residuals=roles["layer_scale1"] is None and roles["layer_scale2"] is None
+        and _default_scale(roles),
     )
+
+
+def _default_scale(roles: dict) -> bool:
+    """Whether attention scores use the standard `head_dim ** -0.5` (what fastpath computes)."""
+    if roles["attention_scale"] is None:
+        return True
+    head_dim = roles["out_proj"].out_features // int(roles["num_heads"])
+    return abs(float(roles["attention_scale"]) - head_dim ** -0.5) < 1e-9
 
 
 def call_reason(hidden, args: tuple, kwargs: dict, mask_index: int) -> str | None:

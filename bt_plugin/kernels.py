@@ -54,6 +54,9 @@ class LayerTensors:
     activation: str
     norm2_eps: float = 1e-5
     activation_fn: object = None
+    layer_scale1: torch.Tensor | None = None
+    layer_scale2: torch.Tensor | None = None
+    attention_scale: float | None = None
 
 
 def _dtype_reason(name: str, dtypes: dict, hidden: torch.Tensor) -> str | None:
@@ -75,8 +78,10 @@ class FastpathKernel:
     right_padded_only = True
 
     def static_reason(self, *, activation: str, num_heads: int, norm1_eps: float, norm2_eps: float,
-                      has_biases: bool) -> str | None:
+                      has_biases: bool, plain_residuals: bool = True) -> str | None:
         """Why this kernel can never serve a layer of this structure, or None."""
+        if not plain_residuals:
+            return "the layer scales its residual branches or attention scores (fastpath cannot)"
         if activation not in self.activations:
             return f"activation was {activation} (fastpath computes {', '.join(self.activations)})"
         if num_heads % 2 == 1:
@@ -142,8 +147,9 @@ class PackedKernel:
     }
 
     def static_reason(self, *, activation: str, num_heads: int, norm1_eps: float, norm2_eps: float,
-                      has_biases: bool) -> str | None:
-        """Packed computes any elementwise activation, head count, eps and missing bias exactly."""
+                      has_biases: bool, plain_residuals: bool = True) -> str | None:
+        """Packed computes any elementwise activation, head count, eps, missing bias and layer
+        scale exactly."""
         return None
 
     def input_reason(self, hidden: torch.Tensor) -> str | None:
@@ -183,7 +189,8 @@ class PackedKernel:
     @staticmethod
     def _feed_forward(x: torch.Tensor, t: LayerTensors) -> torch.Tensor:
         hidden = t.activation_fn(F.linear(x, t.linear1_weight, t.linear1_bias))
-        return F.linear(hidden, t.linear2_weight, t.linear2_bias)
+        out = F.linear(hidden, t.linear2_weight, t.linear2_bias)
+        return out * t.layer_scale2 if t.layer_scale2 is not None else out
 
     @staticmethod
     def _attention(x: torch.Tensor, t: LayerTensors, state: PackState) -> torch.Tensor:
@@ -198,14 +205,15 @@ class PackedKernel:
             out = _sdpa(qkv, len(state.segments), counts.pop(), t)
         else:
             out = torch.cat([_sdpa(qkv[start:start + count], 1, count, t) for start, count in state.segments])
-        return F.linear(out, t.out_proj_weight, t.out_proj_bias)
+        out = F.linear(out, t.out_proj_weight, t.out_proj_bias)
+        return out * t.layer_scale1 if t.layer_scale1 is not None else out
 
 
 def _sdpa(qkv: torch.Tensor, batch: int, count: int, t: LayerTensors) -> torch.Tensor:
     """Unmasked attention of `batch` sequences of `count` tokens from their packed QKV rows."""
     heads, size = t.num_heads, t.embed_dim // t.num_heads
     q, k, v = qkv.view(batch, count, 3, heads, size).permute(2, 0, 3, 1, 4).unbind(0)
-    out = F.scaled_dot_product_attention(q, k, v)
+    out = F.scaled_dot_product_attention(q, k, v, scale=t.attention_scale)
     return out.transpose(1, 2).reshape(batch * count, t.embed_dim)
 
 

@@ -210,6 +210,8 @@ def layer_tensors(layer) -> LayerTensors:
         norm1.weight, norm1.bias, norm2.weight, norm2.bias, norm1.eps,
         int(r["num_heads"]), out.out_features, layer._bt_spec.norm_first,
         activation_name(activation), norm2.eps, activation,
+        r["layer_scale1"], r["layer_scale2"],
+        float(r["attention_scale"]) if r["attention_scale"] is not None else None,
     )
 
 

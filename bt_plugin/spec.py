@@ -30,6 +30,10 @@ class EncoderSpec:
         norm2: Path of the layer norm after the feed-forward block.
         num_heads: Path of the attribute holding the number of attention heads.
         norm_first: Whether the layer is pre-layer-norm.
+        layer_scale1, layer_scale2: Optional paths of per-channel scale tensors applied to the
+            attention and feed-forward branches before their residual add (DINOv2's LayerScale).
+        attention_scale: Optional path of the attention's score scale (a float attribute);
+            None means `head_dim ** -0.5`.
         mask_argument: Name and positional index (counting `hidden_states` as 0) of the
             attention-mask argument of the layer's `forward`.
         returns_tuple: Whether the stock layer returns a tuple instead of a tensor.
@@ -56,6 +60,9 @@ class EncoderSpec:
     norm2: str
     num_heads: str
     norm_first: bool = False
+    layer_scale1: str | None = None
+    layer_scale2: str | None = None
+    attention_scale: str | None = None
     mask_argument: tuple[str, int] = ("attention_mask", 1)
     returns_tuple: bool = False
     config_checks: tuple[ConfigCheck, ...] = field(default=())
@@ -101,6 +108,7 @@ def config_flags_false(*names: str) -> ConfigCheck:
 
 
 ROLES = ("query", "key", "value", "out_proj", "norm1", "linear1", "activation", "linear2", "norm2", "num_heads")
+OPTIONAL_ROLES = ("layer_scale1", "layer_scale2", "attention_scale")
 
 
 def resolve_roles(layer: Any, spec: EncoderSpec) -> dict[str, Any]:
@@ -110,9 +118,13 @@ def resolve_roles(layer: Any, spec: EncoderSpec) -> dict[str, Any]:
     `__getattr__` is slow); anything else falls back to getattr.
     """
     roles = {}
-    for role in ROLES:
+    for role in ROLES + OPTIONAL_ROLES:
+        path = getattr(spec, role)
+        if path is None:
+            roles[role] = None
+            continue
         obj = layer
-        for part in getattr(spec, role).split("."):
+        for part in path.split("."):
             children = getattr(obj, "_modules", None)
             obj = children[part] if children is not None and part in children else getattr(obj, part)
         roles[role] = obj
