@@ -22,8 +22,8 @@ def _load_entry_point(entry_point) -> list[EncoderSpec]:
     loaded = entry_point.load()
     items = loaded if isinstance(loaded, (list, tuple)) else [loaded]
     bad = [item for item in items if not isinstance(item, EncoderSpec)]
-    if bad or not items:
-        raise TypeError(f"it gave {bad[0] if bad else loaded!r}, not a bt_plugin.spec.EncoderSpec")
+    if bad:
+        raise TypeError(f"it gave {bad[0]!r}, not a bt_plugin.spec.EncoderSpec")
     return list(items)
 
 

@@ -1,0 +1,5 @@
+"""Specs for the audio encoder families (filled in per architecture)."""
+
+from bt_plugin.spec import EncoderSpec
+
+SPECS: list[EncoderSpec] = []
