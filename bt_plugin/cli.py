@@ -1,4 +1,7 @@
-"""`python -m bt_plugin [demo]`: load a model with the plugin, compare it with stock, time both."""
+"""`python -m bt_plugin [demo]`: load a model with the plugin, compare it with stock, time both.
+
+`python -m bt_plugin bench [...]`: the benchmark (see `bt_plugin.bench`).
+"""
 
 from __future__ import annotations
 
@@ -71,11 +74,20 @@ def demo(path: str | None, repeats: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its own parser (imported only when asked for: it imports torch)
+        from bt_plugin import bench
+
+        return bench.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bt_plugin", description=__doc__)
     commands = parser.add_subparsers(dest="command")
+    commands.add_parser("bench", add_help=False,
+                        help="benchmark stock against the kernels (python -m bt_plugin bench --help)")
     demo_parser = commands.add_parser("demo", help="compare a converted model with stock (the default)")
     for p in (parser, demo_parser):
         p.add_argument("--model", default=None, help="local model directory (default: all-MiniLM-L6-v2)")
         p.add_argument("--repeats", type=int, default=20, help="timed runs per model (default 20)")
     args = parser.parse_args(argv)
+    if args.command == "bench":  # reached only with options before it
+        parser.error("bench takes its options after it: python -m bt_plugin bench [options]")
     return demo(args.model, args.repeats)

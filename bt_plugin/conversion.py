@@ -54,11 +54,11 @@ def plan(model: nn.Module, kernel: str = "auto") -> Plan:
     model_type = getattr(config, "model_type", None)
     if model_type is None:
         return Plan(None, concrete, "the model has no transformers config.model_type (not a transformers model)")
-    spec = registry.spec_for_model_type(model_type)
+    spec, reason = registry.spec_for_config(config)
     if spec is None:
         supported = ", ".join(registry.supported_model_types())
         return Plan(None, concrete, f"model_type {model_type!r} is not supported (supported: {supported})")
-    result = Plan(spec, concrete, spec.config_reason(config))
+    result = Plan(spec, concrete, reason)
     if result.reason:
         return result
     classes = spec.resolve_layer_classes()

@@ -20,6 +20,7 @@ import importlib
 import inspect
 import random
 import re
+import warnings
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -67,14 +68,16 @@ def paragraphs(modules: tuple[str, ...] = STDLIB_MODULES) -> tuple[str, ...]:
     A module that cannot be imported on this system is skipped.
     """
     seen: dict[str, None] = {}
-    for name in modules:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            continue
-        for doc in _docstrings(module):
-            for paragraph in _split_paragraphs(doc):
-                seen.setdefault(paragraph, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # e.g. reading typing.io's docstring
+        for name in modules:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+            for doc in _docstrings(module):
+                for paragraph in _split_paragraphs(doc):
+                    seen.setdefault(paragraph, None)
     return tuple(seen)
 
 

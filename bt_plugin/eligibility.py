@@ -15,7 +15,14 @@ from bt_plugin.spec import EncoderSpec, resolve_roles
 
 _LINEARS = ("query", "key", "value", "out_proj", "linear1", "linear2")
 _NORMS = ("norm1", "norm2")
-_UNSERVED_KWARGS = ("encoder_hidden_states", "cache", "past_key_values", "past_key_value", "layer_past")
+# Keyword arguments encoder loops pass on to every layer that do not change a self-attention
+# layer's math. Any other keyword with a value other than None/False (a cache, cross-attention
+# states, a position bias, flash-attention varlen metadata, output_attentions=True, ...) means
+# the call is not plain encoder self-attention: the stock forward runs.
+HARMLESS_KWARGS = frozenset({
+    "position_ids", "encoder_attention_mask", "use_cache", "output_hidden_states", "return_dict",
+    "cache_position", "token_type_ids",
+})
 
 
 def structure_reason(layer: nn.Module, spec: EncoderSpec, roles: dict | None = None) -> str | None:
@@ -64,7 +71,7 @@ def _default_scale(roles: dict) -> bool:
     return abs(float(roles["attention_scale"]) - head_dim ** -0.5) < 1e-9
 
 
-def call_reason(hidden, args: tuple, kwargs: dict, mask_index: int) -> str | None:
+def call_reason(hidden, args: tuple, kwargs: dict, mask_index: int, mask_name: str = "attention_mask") -> str | None:
     """Reasons that hold for every layer of this call: recording, grad inputs, autocast, tracing."""
     if type(hidden) is not torch.Tensor:
         return f"hidden states were a {type(hidden).__name__}, not a plain torch.Tensor"
@@ -77,11 +84,11 @@ def call_reason(hidden, args: tuple, kwargs: dict, mask_index: int) -> str | Non
         return f"hidden states had {hidden.dim()} dimensions, expected 3"
     if torch.is_autocast_enabled(hidden.device.type):
         return f"autocast was enabled on {hidden.device.type}"
-    for name in _UNSERVED_KWARGS:
-        if kwargs.get(name) is not None:
-            return f"{name} was passed (only encoder self-attention is fused)"
+    for name, value in kwargs.items():
+        if name not in HARMLESS_KWARGS and name != mask_name and value is not None and value is not False:
+            return f"{name} was passed (only plain encoder self-attention is fused)"
     for position, value in enumerate(args, start=1):
-        if position != mask_index and value is not None:
+        if position != mask_index and value is not None and value is not False:
             return f"positional argument {position} was passed ({type(value).__name__})"
     return None
 
@@ -90,6 +97,10 @@ def layer_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor, kern
     """Reasons that belong to one layer: mode, grad, hooks, replaced modules, dtype/device."""
     if layer.training:
         return "the layer was in training mode (model.train())"
+    for check in spec.layer_checks:
+        reason = check(layer)
+        if reason:
+            return reason
     if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in layer.parameters())):
         return "grad was enabled and parameters require grad (use torch.inference_mode() or torch.no_grad())"
     reason = hook_reason(layer)

@@ -201,7 +201,9 @@ class PackedKernel:
         """
         qkv = F.linear(x, t.in_proj_weight, t.in_proj_bias)
         counts = {count for _, count in state.segments}
-        if len(counts) == 1:  # equal lengths (e.g. nothing padded): one batched call
+        if not counts:  # no row has a real token: nothing to attend
+            out = qkv.new_zeros(0, t.embed_dim)
+        elif len(counts) == 1:  # equal lengths (e.g. nothing padded): one batched call
             out = _sdpa(qkv, len(state.segments), counts.pop(), t)
         else:
             out = torch.cat([_sdpa(qkv[start:start + count], 1, count, t) for start, count in state.segments])

@@ -271,7 +271,9 @@ def _continue_packed(layer, frame):
 def _eligible(layer, hidden, args, kwargs, mask, kernel):
     """`(keep, reason)`: the key-padding mask to pack with, or why the stock forward must run."""
     spec = layer._bt_spec
-    reason = call_reason(hidden, args, kwargs, spec.mask_argument[1]) or layer_reason(layer, spec, hidden, kernel)
+    reason = call_reason(hidden, args, kwargs, spec.mask_argument[1], spec.mask_argument[0]) or layer_reason(
+        layer, spec, hidden, kernel
+    )
     if reason:
         return None, reason
     keep, reason = key_padding_mask(mask, hidden.size(0), hidden.size(1))
@@ -289,7 +291,7 @@ def _stays_packed(layer, hidden, kernel) -> bool:
     layers = live_layers(layer)
     if layers is None or len(layers) < 2 or layers[0] is not layer:
         return False
-    if "hidden_states" in recorded_outputs():
+    if "hidden_states" in recorded_outputs() or running_frame(layer).collects_outputs:
         return False
     for other in list(layers)[1:]:
         if not isinstance(other, FusedLayer) or _kernel_for(other, hidden) is not kernel:

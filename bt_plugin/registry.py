@@ -65,12 +65,28 @@ def reload() -> dict[str, EncoderSpec]:
     return all_specs()
 
 
+def specs_for_model_type(model_type: str) -> list[EncoderSpec]:
+    """Every spec serving `config.model_type`, in registration order (a family may register
+    variants told apart by their config checks, e.g. post- and pre-layer-norm)."""
+    return [spec for spec in all_specs().values() if model_type in spec.model_types]
+
+
 def spec_for_model_type(model_type: str) -> EncoderSpec | None:
-    """The spec serving `config.model_type`, or None."""
-    for spec in all_specs().values():
-        if model_type in spec.model_types:
-            return spec
-    return None
+    """The first spec serving `config.model_type`, or None."""
+    specs = specs_for_model_type(model_type)
+    return specs[0] if specs else None
+
+
+def spec_for_config(config) -> tuple[EncoderSpec | None, str | None]:
+    """`(spec, reason)`: the first spec for the config's model type whose config checks pass;
+    when all refuse, the first one with its reason; `(None, None)` when none is registered."""
+    candidates = specs_for_model_type(getattr(config, "model_type", None))
+    for spec in candidates:
+        if spec.config_reason(config) is None:
+            return spec, None
+    if candidates:
+        return candidates[0], candidates[0].config_reason(config)
+    return None, None
 
 
 def supported_model_types() -> list[str]:

@@ -38,6 +38,8 @@ class EncoderSpec:
             attention-mask argument of the layer's `forward`.
         returns_tuple: Whether the stock layer returns a tuple instead of a tensor.
         config_checks: Callables `config -> reason | None`; a reason leaves the model stock.
+        layer_checks: Callables `layer -> reason | None` run on every call (for settings a
+            model can switch at run time); a reason runs the stock forward for that call.
 
     Example:
         ```python
@@ -66,6 +68,7 @@ class EncoderSpec:
     mask_argument: tuple[str, int] = ("attention_mask", 1)
     returns_tuple: bool = False
     config_checks: tuple[ConfigCheck, ...] = field(default=())
+    layer_checks: tuple[Callable[[Any], "str | None"], ...] = field(default=())
 
     def resolve_layer_classes(self) -> tuple[type, ...]:
         """Import and return the layer classes; a missing one is skipped (renamed upstream)."""

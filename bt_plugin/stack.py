@@ -20,6 +20,7 @@ class Frame:
     """One run of an owner's layer loop: the packed tensor handed from layer to layer, if any."""
 
     owner: nn.Module
+    collects_outputs: bool = False
     carrier: object = None
     state: object = None
     kernel: object = None
@@ -34,7 +35,10 @@ class StackOwner:
     _bt_stock_class: type
 
     def forward(self, *args, **kwargs):
-        token = _running.set(Frame(self))
+        # Encoders written before transformers 5's output recorders collect hidden states in
+        # their own loop: then every layer must hand back (B, L, E), so nothing stays packed.
+        collects = bool(kwargs.get("output_hidden_states") or kwargs.get("output_attentions"))
+        token = _running.set(Frame(self, collects))
         try:
             return type(self)._bt_stock_class.forward(self, *args, **kwargs)
         finally:

@@ -1,5 +1,145 @@
-"""Specs for the text encoder families (filled in per architecture)."""
+"""Specs for the text encoder families whose layer is a BERT-style or DistilBERT-style block.
 
-from bt_plugin.spec import EncoderSpec
+Each spec names the layer classes and, relative to one encoder layer, where the pieces of
+post-layer-norm (or pre-layer-norm) self-attention + feed-forward live. Every layer listed here
+was read in transformers 5.24: standard scaled-dot-product scores (`head_dim ** -0.5`), no
+relative position bias, no rotary embedding, no gating, an `nn.Module` activation, the attention
+mask as argument 1 (positional or keyword), a tensor returned, and outputs recorded by
+transformers' hooks (no `output_attentions` argument, no hidden states gathered by the encoder
+loop itself).
 
-SPECS: list[EncoderSpec] = []
+Examined and left stock:
+- tapas, rembert, megatron-bert, visual_bert, flava_text_model, canine: legacy layer call
+  (`output_attentions` passed to the layer, hidden states collected by the encoder's own loop,
+  a tuple returned); the core serves no such layer yet.
+- big_bird: block-sparse attention by default, switched per call (band/from/to masks).
+- layoutlmv2, layoutlmv3: relative 1-D and 2-D position bias added to the scores.
+- esm: rotary embeddings (ESM-2) and a module-less gelu function in the feed-forward block.
+- ibert: integer-only quantized modules (QuantLinear, IntLayerNorm, IntGELU).
+- xmod: per-language adapters inside each layer.
+- lilt, bros, luke: layout / bbox / entity streams inside the attention.
+- mpnet, roformer, deberta, deberta-v2, funnel: relative or rotary positions in the attention.
+- convbert, mobilebert, squeezebert, longformer, nystromformer, yoso, mra: not a plain
+  self-attention + FFN block (convolutions, bottlenecks, windowed or approximate attention).
+- nomic_bert, gte, ultrabert, eurobert, modernbert: rotary embeddings and a gated MLP;
+  jina_embeddings_v3: rotary embeddings.
+- xlm, flaubert: attention, norms and FFNs kept in parallel ModuleLists (no layer module).
+- bridgetower_text_model: BERT-style layer, but not a public standalone class (BridgeTowerModel
+  drives its text layers itself, interleaved with cross-modal layers).
+"""
+
+from bt_plugin.spec import EncoderSpec, config_flags_false
+
+_MODELS = "transformers.models"
+
+# BERT's own layer layout (`attention.self.{query,key,value}`, `attention.output.{dense,LayerNorm}`,
+# `intermediate.{dense,intermediate_act_fn}`, `output.{dense,LayerNorm}`), post-layer-norm, copied
+# into these families (the text towers of ALIGN, AltCLIP, Chinese-CLIP and CLAP loaded as their
+# own model types). bert-generation and dpr (a BertModel inside) honour `is_decoder` /
+# `add_cross_attention` (causal self-attention, cross-attention): such configurations stay stock
+# with the reason. The other copies ignore both flags, so for them the check never matters.
+BERT_LAYOUT = EncoderSpec(
+    name="bert_layout",
+    model_types=(
+        "bert-generation", "dpr", "splinter", "layoutlm", "markuplm",
+        "align_text_model", "altclip_text_model", "chinese_clip_text_model", "clap_text_model",
+    ),
+    layer_classes=(
+        f"{_MODELS}.bert_generation.modeling_bert_generation.BertGenerationLayer",
+        f"{_MODELS}.bert.modeling_bert.BertLayer",  # dpr: DPR*Encoder / DPRReader wrap a BertModel
+        f"{_MODELS}.splinter.modeling_splinter.SplinterLayer",
+        f"{_MODELS}.layoutlm.modeling_layoutlm.LayoutLMLayer",
+        f"{_MODELS}.markuplm.modeling_markuplm.MarkupLMLayer",
+        f"{_MODELS}.align.modeling_align.AlignTextLayer",
+        f"{_MODELS}.altclip.modeling_altclip.AltRobertaLayer",
+        f"{_MODELS}.chinese_clip.modeling_chinese_clip.ChineseCLIPTextLayer",
+        f"{_MODELS}.clap.modeling_clap.ClapTextLayer",
+    ),
+    query="attention.self.query",
+    key="attention.self.key",
+    value="attention.self.value",
+    out_proj="attention.output.dense",
+    norm1="attention.output.LayerNorm",
+    linear1="intermediate.dense",
+    activation="intermediate.intermediate_act_fn",
+    linear2="output.dense",
+    norm2="output.LayerNorm",
+    num_heads="attention.self.num_attention_heads",
+    config_checks=(config_flags_false("is_decoder", "add_cross_attention"),),
+)
+
+# DistilBERT's TransformerBlock: post-layer-norm, attention projections named q/k/v/out_lin.
+DISTILBERT = EncoderSpec(
+    name="distilbert",
+    model_types=("distilbert",),
+    layer_classes=(f"{_MODELS}.distilbert.modeling_distilbert.TransformerBlock",),
+    query="attention.q_lin",
+    key="attention.k_lin",
+    value="attention.v_lin",
+    out_proj="attention.out_lin",
+    norm1="sa_layer_norm",
+    linear1="ffn.lin1",
+    activation="ffn.activation",
+    linear2="ffn.lin2",
+    norm2="output_layer_norm",
+    num_heads="attention.n_heads",
+)
+
+# ALBERT: one AlbertLayer per layer group (by default one group, one layer), called
+# `num_hidden_layers` times by AlbertTransformer. Post-layer-norm; default activation gelu_new
+# (the tanh approximation), which the packed kernel computes exactly and fastpath does not.
+ALBERT = EncoderSpec(
+    name="albert",
+    model_types=("albert",),
+    layer_classes=(f"{_MODELS}.albert.modeling_albert.AlbertLayer",),
+    query="attention.query",
+    key="attention.key",
+    value="attention.value",
+    out_proj="attention.dense",
+    norm1="attention.LayerNorm",
+    linear1="ffn",
+    activation="activation",
+    linear2="ffn_output",
+    norm2="full_layer_layer_norm",
+    num_heads="attention.num_attention_heads",
+)
+
+# XLM-RoBERTa-XL: pre-layer-norm (the encoder applies a final LayerNorm after the stack).
+XLM_ROBERTA_XL = EncoderSpec(
+    name="xlm_roberta_xl",
+    model_types=("xlm-roberta-xl",),
+    layer_classes=(f"{_MODELS}.xlm_roberta_xl.modeling_xlm_roberta_xl.XLMRobertaXLLayer",),
+    query="attention.self.query",
+    key="attention.self.key",
+    value="attention.self.value",
+    out_proj="attention.output.dense",
+    norm1="attention.self_attn_layer_norm",
+    linear1="intermediate.dense",
+    activation="intermediate.intermediate_act_fn",
+    linear2="output.dense",
+    norm2="LayerNorm",
+    num_heads="attention.self.num_attention_heads",
+    norm_first=True,
+    config_checks=(config_flags_false("is_decoder", "add_cross_attention"),),
+)
+
+# RoBERTa-PreLayerNorm: pre-layer-norm, the norms live in the attention and intermediate blocks.
+ROBERTA_PRELAYERNORM = EncoderSpec(
+    name="roberta_prelayernorm",
+    model_types=("roberta-prelayernorm",),
+    layer_classes=(f"{_MODELS}.roberta_prelayernorm.modeling_roberta_prelayernorm.RobertaPreLayerNormLayer",),
+    query="attention.self.query",
+    key="attention.self.key",
+    value="attention.self.value",
+    out_proj="attention.output.dense",
+    norm1="attention.LayerNorm",
+    linear1="intermediate.dense",
+    activation="intermediate.intermediate_act_fn",
+    linear2="output.dense",
+    norm2="intermediate.LayerNorm",
+    num_heads="attention.self.num_attention_heads",
+    norm_first=True,
+    config_checks=(config_flags_false("is_decoder", "add_cross_attention"),),
+)
+
+SPECS: list[EncoderSpec] = [BERT_LAYOUT, DISTILBERT, ALBERT, XLM_ROBERTA_XL, ROBERTA_PRELAYERNORM]

@@ -1,0 +1,179 @@
+"""The benchmark end to end on a tiny shape, its fallback guard, its README rewrite, and its corpus."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+import torch
+
+from bt_plugin import bench, cli, corpus
+
+TINY = ["--shapes", "tiny", "--repeats", "1", "--text-batches", "1", "--threads", "1", "--no-progress"]
+ENGLISH = {"the", "a", "an", "of", "to", "is", "and", "in", "for", "if", "be", "this", "that", "with"}
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_corpus_is_deterministic_english_prose():
+    first = corpus.paragraphs()
+    corpus.paragraphs.cache_clear()
+    assert corpus.paragraphs() == first
+    assert len(first) >= 96 and len(set(first)) == len(first)
+    for paragraph in first:
+        assert corpus.is_prose(paragraph) and ">>>" not in paragraph and "\n" not in paragraph
+        assert len(paragraph.split()) >= corpus.MIN_WORDS
+    words = [w.strip(".,;:!?()").lower() for p in first for w in p.split()]
+    assert sum(w in ENGLISH for w in words) > 0.1 * len(words)  # function words: running English
+    assert corpus.sample(96, seed=3) == corpus.sample(96, seed=3) != corpus.sample(96, seed=4)
+
+
+def test_prose_filter_rejects_code():
+    assert corpus.is_prose("Return the number of items in the container, or zero when it is empty.")
+    assert not corpus.is_prose(">>> sorted([3, 1, 2])\n[1, 2, 3]")
+    assert not corpus.is_prose("Example::\n\n    x = compute(1, 2)")
+    assert not corpus.is_prose("sorted(iterable, /, *, key=None, reverse=False)")
+    assert not corpus.is_prose("Too short to count.")
+
+
+@pytest.mark.parametrize("fraction", bench.SWEEP_FRACTIONS)
+def test_sweep_lengths_match_the_fraction(fraction):
+    lengths = bench.sweep_lengths(fraction, 32, 256, seed=0)
+    assert len(lengths) == 32 and lengths[0] == 256 and all(1 <= n <= 256 for n in lengths)
+    assert abs(sum(lengths) / (32 * 256) - fraction) <= 1 / (32 * 256)
+    assert lengths == bench.sweep_lengths(fraction, 32, 256, seed=0)
+
+
+def test_quick_plan_covers_every_workload_and_candidate():
+    settings = bench.make_settings(None, None, None, None, True, None, None, 0)
+    assert {w for _, w in settings.plan()} == set(bench.WORKLOADS)
+    assert settings.repeats == 3 and settings.sweep_length == 128 and not settings.memory
+    assert settings.threads == 1
+    assert settings.candidates == tuple(bench.CANDIDATES)
+    assert "bert-base" not in settings.shapes
+
+
+def test_busy_machine_is_measured_and_reported(monkeypatch):
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    # 10 s of wall time on 2 CPUs; the machine was busy 14 CPU-seconds, 8 of them ours.
+    assert bench.others_cpu_share((100.0, 50.0, 0.0), (114.0, 58.0, 10.0)) == pytest.approx(0.3)
+    assert bench.others_cpu_share((100.0, 50.0, 0.0), (108.0, 58.0, 10.0)) == 0.0
+    assert bench.others_cpu_share((100.0, 50.0, 0.0), (150.0, 50.0, 10.0)) == 1.0
+    assert bench.others_cpu_share((100.0, 50.0, 0.0), (101.0, 50.0, 0.5)) is None  # too short to tell
+    assert bench.others_cpu_share(None, (1.0, 1.0, 1.0)) is None
+    row = bench.CandidateResult("stock", [100.0, 101.0, 180.0], max_abs_diff=0.0)
+    case = bench.CaseResult("tiny", "batch1", "1 x 1 x 16", 1.0, [row], others_cpu=0.3)
+    results = bench.BenchResults(bench.Settings(), {}, [case])
+    assert row.noisy and case.busy and "Busy machine" in bench.noise_line(results)
+    assert "busy: other processes used up to 30% of the CPUs" in bench.render_cases(results)[0]
+
+
+def test_bench_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "MIN_RUN_MS", 1.0)  # one pass per timed run: a smoke test, not a measurement
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nbefore\n\n{bench.README_START}\nold table\n{bench.README_END}\n\nafter\n")
+    out_json = tmp_path / "results.json"
+    assert cli.main(["bench", *TINY, "--no-memory", "--json", str(out_json), "--readme", str(readme)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out_json.read_text())
+
+    assert data["problems"] == []
+    assert [c["workload"] for c in data["cases"]] == ["text", "no-padding", "batch1"] + ["sweep"] * 5
+    assert [round(c["real_fraction"], 2) for c in data["cases"][1:]] == [1.0, 1.0, *bench.SWEEP_FRACTIONS]
+    for case in data["cases"]:
+        rows = {row["candidate"]: row for row in case["rows"]}
+        assert set(rows) == set(bench.CANDIDATES)
+        assert rows["fastpath"]["unavailable"] is None  # packed may not exist yet: reported, not run
+        for name, row in rows.items():
+            if row["unavailable"]:
+                assert name in printed and row["unavailable"] in printed
+                continue
+            assert len(row["times_ms"]) == 1 and row["median_ms"] > 0 and row["ratio_to_stock"] > 0
+            assert row["exact"] and row["max_abs_diff"] <= bench.TOLERANCE
+            if bench.CANDIDATES[name][1]:
+                assert row["fused_calls"] > 0 and row["fallback_calls"] == 0, row
+    assert all(case["others_cpu"] is None or 0 <= case["others_cpu"] <= 1 for case in data["cases"])
+    text = next(c for c in data["cases"] if c["workload"] == "text")
+    assert 0.05 < text["real_fraction"] < 0.9
+
+    rewritten = readme.read_text()
+    assert rewritten.startswith("# Title\n\nbefore\n\n" + bench.README_START + "\n")
+    assert rewritten.endswith(bench.README_END + "\n\nafter\n") and "old table" not in rewritten
+    block = rewritten.split(bench.README_START)[1].split(bench.README_END)[0]
+    assert "**tiny · sweep**" in block and "| fastpath |" in block and "Measured on" in block
+    assert "torch " + torch.__version__ in block
+    assert block.strip() in printed
+
+
+def test_peak_memory_of_one_forward_in_fresh_processes():
+    results = bench.run(["tiny"], ["text"], candidates=["fastpath"], repeats=1, text_batches=1, threads=1,
+                        progress=False)
+    memory = {m.candidate: m for m in results.memory}
+    assert set(memory) == {"stock", "fastpath"}
+    for m in memory.values():
+        assert m.error is None and m.peak_increase_mib >= 0, m
+        # the child's baseline peak is its own current size, not this (larger) process's peak
+        assert m.maxrss_before_kib - m.rss_before_kib < 16 * 1024, m
+    assert "**Peak memory**" in bench.render_markdown(results)
+
+
+def test_fallback_guard_fails_the_run(capsys):
+    """A global forward hook makes every fused layer run the stock forward: exact, but no faster."""
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
+    try:
+        code = bench.main([*TINY, "--workloads", "batch1", "--no-memory"])
+    finally:
+        handle.remove()
+    err = capsys.readouterr().err
+    assert code != 0
+    assert bench.FALLBACK_MESSAGE in err and "hook" in err
+
+
+def test_fallback_is_a_problem_of_the_results():
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
+    try:
+        results = bench.run(["tiny"], ["batch1"], candidates=["fastpath"], repeats=1, memory=False,
+                            threads=1, progress=False)
+    finally:
+        handle.remove()
+    row = results.cases[0].row("fastpath")
+    assert row.fallback_calls > 0 and row.fused_calls == 0 and row.exact
+    assert any(bench.FALLBACK_MESSAGE in problem for problem in results.problems())
+
+
+def test_a_kernel_bt_plugin_lacks_is_reported_not_run(monkeypatch, capsys):
+    from bt_plugin import kernels
+
+    monkeypatch.setattr(kernels, "KERNEL_CHOICES", tuple(k for k in kernels.KERNEL_CHOICES if k != "packed"))
+    assert bench.main([*TINY, "--workloads", "batch1", "--candidates", "fastpath,packed", "--no-memory"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\| packed \| unavailable: bt_plugin .* has no 'packed' kernel", out)
+    assert re.search(r"\| fastpath \| [0-9.]+ \|", out)
+
+
+def test_readme_without_markers_is_refused_before_running(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    assert bench.main([*TINY, "--readme", str(readme)]) == 2
+    assert "bench:start" in capsys.readouterr().err
+    assert readme.read_text() == "# no markers\n"
+
+
+def test_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit, match=re.escape("pip install 'bt-plugin[plot]'")):
+        bench.main([*TINY, "--plot", str(tmp_path / "sweep.png")])
+
+
+def test_cli_lists_and_forwards_bench(capsys):
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["--help"])
+    assert raised.value.code == 0 and "bench" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["bench", "--help"])
+    assert raised.value.code == 0 and "--quick" in capsys.readouterr().out
