@@ -227,8 +227,14 @@ def _mask_argument(layer, args: tuple, kwargs: dict):
     return args[index - 1] if len(args) >= index else kwargs.get(name)
 
 
-def _returned(layer, hidden: torch.Tensor):
-    return (hidden,) if layer._bt_spec.returns_tuple else hidden
+def _returned(layer, hidden: torch.Tensor, packed: bool = False):
+    """In the stock layer's return convention: sequence-first layout, tensor or tuple."""
+    spec = layer._bt_spec
+    if spec.sequence_first and not packed:
+        hidden = hidden.transpose(0, 1)
+    if not spec.returns_tuple:
+        return hidden
+    return (hidden,) + (None,) * (spec.tuple_length - 1)
 
 
 def _kernel_for(layer, hidden):
@@ -242,17 +248,20 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict):
     if frame is not None and frame.carrier is not None and hidden is frame.carrier:
         return _continue_packed(layer, frame)
     kernel = _kernel_for(layer, hidden)
-    keep, reason = _eligible(layer, hidden, args, kwargs, _mask_argument(layer, args, kwargs), kernel)
+    batch_first = hidden
+    if layer._bt_spec.sequence_first and isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
+        batch_first = hidden.transpose(0, 1).contiguous()  # legacy (T, B, C) layers (FSMT)
+    keep, reason = _eligible(layer, batch_first, args, kwargs, _mask_argument(layer, args, kwargs), kernel)
     if reason:
         _current_qkv(layer)  # after .half() etc. a fallback must not keep the old weights alive
         _stats(layer).fell_back(reason)
         return layer._bt_stock_class.forward(layer, hidden, *args, **kwargs)
     _stats(layer).fused()
-    carrier, state = kernel.pack(hidden, keep)
+    carrier, state = kernel.pack(batch_first, keep)
     out = kernel.layer(carrier, layer_tensors(layer), state)
-    if frame is not None and _stays_packed(layer, hidden, kernel):
+    if frame is not None and _stays_packed(layer, batch_first, kernel):
         frame.carrier, frame.state, frame.kernel = out, state, kernel
-        return _returned(layer, out)  # the next layer of this stack continues on it
+        return _returned(layer, out, packed=True)  # the next layer of this stack continues on it
     return _returned(layer, kernel.unpack(out, state))
 
 
@@ -265,7 +274,7 @@ def _continue_packed(layer, frame):
         frame.carrier = None
         return _returned(layer, frame.kernel.unpack(out, frame.state))
     frame.carrier = out
-    return _returned(layer, out)
+    return _returned(layer, out, packed=True)
 
 
 def _eligible(layer, hidden, args, kwargs, mask, kernel):
@@ -276,6 +285,8 @@ def _eligible(layer, hidden, args, kwargs, mask, kernel):
     )
     if reason:
         return None, reason
+    if spec.mask_marks_padding and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        mask = mask == 0  # legacy masks mark padding with 1/True
     keep, reason = key_padding_mask(mask, hidden.size(0), hidden.size(1))
     if reason is None and keep is not None:
         reason = padding_reason(keep, right_padded_only=kernel.right_padded_only)

@@ -37,6 +37,10 @@ class EncoderSpec:
         mask_argument: Name and positional index (counting `hidden_states` as 0) of the
             attention-mask argument of the layer's `forward`.
         returns_tuple: Whether the stock layer returns a tuple instead of a tensor.
+        tuple_length: Length of that tuple (the fused layer fills the rest with None, e.g.
+            `(hidden, None)` where stock returns `(hidden, attention_weights)`).
+        sequence_first: Whether the layer takes and returns `(L, B, E)` (legacy fairseq layout).
+        mask_marks_padding: Whether a 2-D mask marks padding with 1/True (legacy fairseq).
         config_checks: Callables `config -> reason | None`; a reason leaves the model stock.
         layer_checks: Callables `layer -> reason | None` run on every call (for settings a
             model can switch at run time); a reason runs the stock forward for that call.
@@ -67,6 +71,9 @@ class EncoderSpec:
     attention_scale: str | None = None
     mask_argument: tuple[str, int] = ("attention_mask", 1)
     returns_tuple: bool = False
+    tuple_length: int = 1
+    sequence_first: bool = False
+    mask_marks_padding: bool = False
     config_checks: tuple[ConfigCheck, ...] = field(default=())
     layer_checks: tuple[Callable[[Any], "str | None"], ...] = field(default=())
 

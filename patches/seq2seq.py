@@ -90,4 +90,27 @@ MVP = EncoderSpec(
     **dict(_PATHS, returns_tuple=True),
 )
 
-SPECS: list[EncoderSpec] = [BART, MBART, MVP]
+# FSMT keeps fairseq's legacy conventions: (T, B, C) hidden states, a (B, T) mask that marks
+# padding with 1, and `(x, attention_weights)` returned by every layer.
+FSMT = EncoderSpec(
+    name="fsmt",
+    model_types=("fsmt",),
+    layer_classes=(f"{_MODELS}.fsmt.modeling_fsmt.EncoderLayer",),
+    query="self_attn.q_proj",
+    key="self_attn.k_proj",
+    value="self_attn.v_proj",
+    out_proj="self_attn.out_proj",
+    norm1="self_attn_layer_norm",
+    linear1="fc1",
+    activation="activation_fn",
+    linear2="fc2",
+    norm2="final_layer_norm",
+    num_heads="self_attn.num_heads",
+    mask_argument=("encoder_padding_mask", 1),
+    returns_tuple=True,
+    tuple_length=2,
+    sequence_first=True,
+    mask_marks_padding=True,
+)
+
+SPECS: list[EncoderSpec] = [FSMT, BART, MBART, MVP]
