@@ -4,14 +4,15 @@ Each spec names the layer classes and, relative to one encoder layer, where the 
 post-layer-norm (or pre-layer-norm) self-attention + feed-forward live. Every layer listed here
 was read in transformers 5.24: standard scaled-dot-product scores (`head_dim ** -0.5`), no
 relative position bias, no rotary embedding, no gating, an `nn.Module` activation, the attention
-mask as argument 1 (positional or keyword), a tensor returned, and outputs recorded by
-transformers' hooks (no `output_attentions` argument, no hidden states gathered by the encoder
-loop itself).
+mask as argument 1 (positional or keyword). Most return a tensor and have their outputs recorded
+by transformers' hooks; the older BERT copies (tapas, rembert, visual_bert, megatron-bert) pass
+`output_attentions` to the layer, gather hidden states in the encoder's own loop and get a tuple
+back from the layer (`returns_tuple=True`): a call with `output_attentions=True` runs the stock
+forward (the core's call check), and while the encoder collects outputs nothing stays packed.
 
 Examined and left stock:
-- tapas, rembert, megatron-bert, visual_bert, flava_text_model, canine: legacy layer call
-  (`output_attentions` passed to the layer, hidden states collected by the encoder's own loop,
-  a tuple returned); the core serves no such layer yet.
+- flava_text_model, canine: legacy layer call (`output_attentions` passed to the layer, hidden
+  states collected by the encoder's own loop, a tuple returned); not examined further yet.
 - big_bird: block-sparse attention by default, switched per call (band/from/to masks).
 - layoutlmv2, layoutlmv3: relative 1-D and 2-D position bias added to the scores.
 - esm: rotary embeddings (ESM-2) and a module-less gelu function in the feed-forward block.
@@ -142,4 +143,65 @@ ROBERTA_PRELAYERNORM = EncoderSpec(
     config_checks=(config_flags_false("is_decoder", "add_cross_attention"),),
 )
 
-SPECS: list[EncoderSpec] = [BERT_LAYOUT, DISTILBERT, ALBERT, XLM_ROBERTA_XL, ROBERTA_PRELAYERNORM]
+# BERT's layer layout again, post-layer-norm, in the older call convention: the encoder passes
+# the mask (eager additive; visual_bert's is (B, 1, 1, K)) and `output_attentions` to the layer
+# and the layer returns a tuple (rembert's always carries the attention probabilities as well).
+# - tapas: TapasModel ignores `is_decoder` for its mask, but its layer honours `is_decoder` /
+#   `add_cross_attention`, so those configurations stay stock. Seven token-type embeddings and
+#   the per-cell position reset only change the embeddings.
+# - rembert: the encoder maps the `input_embedding_size` embeddings to `hidden_size` with
+#   `embedding_hidden_mapping_in` before the layer loop; the layers themselves are BERT's.
+#   `is_decoder` gives a causal mask and a decoder layer: stays stock.
+# - visual_bert: visual embeddings are concatenated to the text in the embeddings, the layers
+#   see one sequence. Its config has no decoder flags (the layer has no cross-attention); with
+#   `bypass_transformer` the extra `additional_layer` is not in a layer list and stays stock
+#   (that path fails in stock transformers 5.24 as soon as visual embeddings are given).
+BERT_LEGACY = EncoderSpec(
+    name="bert_legacy",
+    model_types=("tapas", "rembert", "visual_bert"),
+    layer_classes=(
+        f"{_MODELS}.tapas.modeling_tapas.TapasLayer",
+        f"{_MODELS}.rembert.modeling_rembert.RemBertLayer",
+        f"{_MODELS}.visual_bert.modeling_visual_bert.VisualBertLayer",
+    ),
+    query="attention.self.query",
+    key="attention.self.key",
+    value="attention.self.value",
+    out_proj="attention.output.dense",
+    norm1="attention.output.LayerNorm",
+    linear1="intermediate.dense",
+    activation="intermediate.intermediate_act_fn",
+    linear2="output.dense",
+    norm2="output.LayerNorm",
+    num_heads="attention.self.num_attention_heads",
+    returns_tuple=True,
+    config_checks=(config_flags_false("is_decoder", "add_cross_attention"),),
+)
+
+# Megatron-BERT: the BERT layer made pre-layer-norm (`attention.ln` before self-attention, `ln`
+# before the feed-forward block, plain residual adds in `attention.output` / `output`; the
+# embeddings have no LayerNorm and the encoder applies a final `ln` after the stack). Older call
+# convention, a tuple returned (always with the attention probabilities). `is_decoder` gives a
+# causal mask and a decoder layer, `add_cross_attention` cross-attention: those stay stock.
+MEGATRON_BERT = EncoderSpec(
+    name="megatron_bert",
+    model_types=("megatron-bert",),
+    layer_classes=(f"{_MODELS}.megatron_bert.modeling_megatron_bert.MegatronBertLayer",),
+    query="attention.self.query",
+    key="attention.self.key",
+    value="attention.self.value",
+    out_proj="attention.output.dense",
+    norm1="attention.ln",
+    linear1="intermediate.dense",
+    activation="intermediate.intermediate_act_fn",
+    linear2="output.dense",
+    norm2="ln",
+    num_heads="attention.self.num_attention_heads",
+    norm_first=True,
+    returns_tuple=True,
+    config_checks=(config_flags_false("is_decoder", "add_cross_attention"),),
+)
+
+SPECS: list[EncoderSpec] = [
+    BERT_LAYOUT, DISTILBERT, ALBERT, XLM_ROBERTA_XL, ROBERTA_PRELAYERNORM, BERT_LEGACY, MEGATRON_BERT,
+]

@@ -7,7 +7,13 @@ are compared on real tokens (fp32, max abs difference <= 1e-5). Parity cannot te
 from a silent fallback to the (exact) stock forward, so every fused comparison also checks
 through `bt_plugin.explain` that each encoder layer ran fused for that call. Where a kernel
 cannot serve a layer (fastpath and ALBERT's gelu_new), the model must stay stock and `explain`
-must give the reason.
+must give the reason. `output_attentions=True` must run every layer's stock forward, with the
+reason, and give stock's attentions (models loaded with eager attention for that test).
+
+tapas, rembert, megatron-bert and visual_bert use the older call convention (the encoder passes
+`output_attentions` to the layer, collects hidden states in its own loop, and the layer returns a
+tuple); tapas gets its seven token-type columns, rembert an embedding size other than its hidden
+size, and visual_bert runs text-only in the shared tests and with visual embeddings in its own.
 """
 
 from __future__ import annotations
@@ -47,6 +53,10 @@ class Case:
     calls_per_forward: int = 1  # fused calls per layer per forward (ALBERT shares one layer)
     layers: int | None = None  # layer reports in explain(); None: num_hidden_layers
     unserved: dict = field(default_factory=dict)  # kernel -> part of the reason it stays stock
+    # how the reason a layer gives for a call with output_attentions=True starts: transformers'
+    # recorders (attentions, and cross_attentions where the model has them), or (older encoders)
+    # the argument the encoder passes to the layer
+    attentions_reason: str = "the call recorded attentions"
 
 
 CASES = {
@@ -71,6 +81,24 @@ CASES = {
     "roberta-prelayernorm": Case(
         "RobertaPreLayerNormConfig", "RobertaPreLayerNormModel", "RobertaPreLayerNormForSequenceClassification",
         "roberta_prelayernorm",
+    ),
+    "tapas": Case(
+        "TapasConfig", "TapasModel", "TapasForSequenceClassification", "bert_legacy",
+        attentions_reason="output_attentions was passed (only plain encoder self-attention is fused)",
+    ),
+    "rembert": Case(
+        "RemBertConfig", "RemBertModel", "RemBertForSequenceClassification", "bert_legacy",
+        overrides=dict(input_embedding_size=128),  # embeddings narrower than the layers
+        attentions_reason="positional argument 5 was passed (bool)",  # output_attentions, positional
+    ),
+    "visual_bert": Case(
+        "VisualBertConfig", "VisualBertModel", "VisualBertForVisualReasoning", "bert_legacy",
+        overrides=dict(visual_embedding_dim=96),
+        attentions_reason="positional argument 2 was passed (bool)",  # output_attentions, positional
+    ),
+    "megatron-bert": Case(
+        "MegatronBertConfig", "MegatronBertModel", "MegatronBertForSequenceClassification", "megatron_bert",
+        attentions_reason="positional argument 5 was passed (bool)",  # output_attentions, positional
     ),
 }
 MODEL_TYPES = list(CASES)
@@ -122,7 +150,25 @@ def _inputs(model_type: str, config, lengths: list[int], width: int | None = Non
         subs = torch.randint(0, 50, shape, generator=generator)
         inputs["xpath_tags_seq"] = torch.where(level < depth, tags, config.tag_pad_id)
         inputs["xpath_subs_seq"] = torch.where(level < depth, subs, config.subs_pad_id)
+    if model_type == "tapas":  # 7 token-type columns (segment, column, row, ...), zeros at padding
+        columns = [torch.randint(0, size, (batch, width), generator=generator) for size in config.type_vocab_sizes]
+        inputs["token_type_ids"] = torch.stack(columns, dim=-1) * mask[..., None]
     return inputs
+
+
+def _visual_inputs(config, lengths: list[int], visual_lengths: list[int], seed: int = 0) -> tuple[dict, torch.Tensor]:
+    """visual_bert: text plus right-padded visual embeddings; returns the inputs and the mask
+    over the concatenated sequence (text, then visual tokens) that its outputs are laid out on."""
+    inputs = _inputs("visual_bert", config, lengths, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 100)
+    batch, width = len(visual_lengths), max(visual_lengths)
+    visual_mask = torch.zeros(batch, width, dtype=torch.long)
+    for row, real in enumerate(visual_lengths):
+        visual_mask[row, :real] = 1
+    inputs["visual_embeds"] = torch.randn(batch, width, config.visual_embedding_dim, generator=generator)
+    inputs["visual_attention_mask"] = visual_mask
+    inputs["visual_token_type_ids"] = torch.ones(batch, width, dtype=torch.long)
+    return inputs, torch.cat([inputs["attention_mask"], visual_mask], dim=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,6 +378,47 @@ def test_output_hidden_states(model_type, pairs, kernel):
     _assert_outputs_close(expected, actual, inputs["attention_mask"])
 
 
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_output_attentions_falls_back_exactly(model_type, saved, kernel):
+    """output_attentions=True: every layer runs its stock forward (with the reason) and the
+    attentions are stock's; the next plain call is fused again."""
+    path = saved(model_type)
+    stock = _load(model_type, path, False, None, attn_implementation="eager")
+    candidate = _load(model_type, path, False, kernel, attn_implementation="eager")
+    served = _served(model_type, kernel)
+    if served:
+        _assert_converted(candidate, model_type, kernel)
+    else:
+        _assert_unserved(candidate, model_type, kernel)
+    inputs = _inputs(model_type, stock.config, [6, 2, 9, 1], seed=6)
+    before = _stats(candidate)
+    with torch.inference_mode():
+        expected = stock(output_attentions=True, **inputs)
+        actual = candidate(output_attentions=True, **inputs)
+    report = bt_plugin.explain(candidate)
+    calls = CASES[model_type].calls_per_forward if served else 0
+    for (f0, b0), (f1, b1), layer in zip(before, _stats(candidate), report.layers):
+        assert f1 == f0 and b1 - b0 == calls, f"{layer.path}: fused {f1 - f0}, fell back {b1 - b0}:\n{report}"
+        if served:
+            assert layer.reason.startswith(CASES[model_type].attentions_reason), str(report)
+    assert expected.attentions is not None and actual.attentions is not None
+    assert len(actual.attentions) == len(expected.attentions) == REALISTIC["num_hidden_layers"]
+    for index, (want, got) in enumerate(zip(expected.attentions, actual.attentions)):
+        assert torch.equal(want, got), f"attentions[{index}] differ"
+    for name, want in expected.items():  # the stock forward ran: bit for bit
+        if isinstance(want, torch.Tensor):
+            assert torch.equal(want, actual[name]), name
+    # a plain call afterwards is fused (and exact) again
+    before = _stats(candidate)
+    with torch.inference_mode():
+        expected, actual = stock(**inputs), candidate(**inputs)
+    report = bt_plugin.explain(candidate)
+    for (f0, b0), (f1, b1), layer in zip(before, _stats(candidate), report.layers):
+        assert f1 - f0 == calls and b1 == b0, str(report)
+        assert layer.reason is None or not served, str(report)
+    _assert_outputs_close(expected, actual, inputs["attention_mask"])
+
+
 @pytest.mark.parametrize("model_type", [t for t in MODEL_TYPES if CASES[t].head])
 def test_task_head(model_type, pairs, kernel):
     stock, candidate = pairs(model_type, head=True)
@@ -376,30 +463,65 @@ def test_albert_layer_groups(groups, inner, layers, saved):
         _assert_outputs_close(expected, actual, inputs["attention_mask"])
 
 
+@pytest.mark.parametrize("head", [False, True], ids=["base", "head"])
+def test_visual_bert_with_visual_embeddings(head, saved, kernel):
+    """visual_bert with visual embeddings: text, then visual tokens, each part right-padded.
+
+    Padded text in front of visual tokens leaves gaps in the key-padding mask: packed serves
+    them, fastpath (right padding only) runs the stock forward and says why. With full-length
+    text rows the combined mask is right-padded and fastpath serves it too.
+    """
+    path = saved("visual_bert", head)
+    stock = _load("visual_bert", path, head, None)
+    candidate = _load("visual_bert", path, head, kernel)
+    _assert_converted(candidate, "visual_bert", kernel)
+    # (text lengths, visual lengths): full text rows (right-padded overall), then padded text
+    for seed, (lengths, visual_lengths) in enumerate([([5, 5, 5], [3, 1, 4]), ([7, 3, 1, 6], [2, 4, 1, 3])]):
+        inputs, mask = _visual_inputs(stock.config, lengths, visual_lengths, seed=30 + seed)
+        gaps = len(set(lengths)) > 1
+        for extra in ({}, {"output_hidden_states": True}):
+            if gaps and kernel == "fastpath":
+                before = _stats(candidate)
+                with torch.inference_mode():
+                    expected, actual = stock(**inputs, **extra), candidate(**inputs, **extra)
+                report = bt_plugin.explain(candidate)
+                for (f0, b0), (f1, b1), layer in zip(before, _stats(candidate), report.layers):
+                    assert f1 == f0 and b1 - b0 == 1, str(report)
+                    assert "attention mask was not right-padded" in layer.reason, str(report)
+            else:
+                expected, actual = _run_both("visual_bert", stock, candidate, True, **inputs, **extra)
+            if extra:
+                assert len(actual.hidden_states) == len(expected.hidden_states) == REALISTIC["num_hidden_layers"] + 1
+            assert actual[0].shape[1] == mask.shape[1] or head  # text + visual tokens
+            _assert_outputs_close(expected, actual, mask)
+
+
 # --------------------------------------------------------------------------------------------
 # configurations that change the math stay stock, with the reason
 # --------------------------------------------------------------------------------------------
 
 
-def test_bert_generation_decoder_config_stays_stock(saved):
-    path = saved("bert-generation", is_decoder=True)
-    stock = _load("bert-generation", path, False, None)
-    candidate = _load("bert-generation", path, False, "packed")
+@pytest.mark.parametrize("model_type", ["bert-generation", "tapas", "rembert", "megatron-bert"])
+def test_decoder_config_stays_stock(model_type, saved):
+    path = saved(model_type, is_decoder=True)
+    stock = _load(model_type, path, False, None)
+    candidate = _load(model_type, path, False, "packed")
     assert not bt_plugin.is_converted(candidate)
     assert not any(isinstance(m, FusedLayer) for m in candidate.modules())
     report = bt_plugin.explain(candidate)
     assert report.reason == "config.is_decoder was True (only encoder self-attention is fused)", str(report)
     with pytest.raises(ValueError, match="is_decoder"):
         bt_plugin.convert(candidate)
-    # and it runs exactly as stock (causal self-attention)
-    inputs = _inputs("bert-generation", stock.config, [5, 2, 7], seed=3)
+    # and it runs exactly as stock (causal self-attention where the model makes it so)
+    inputs = _inputs(model_type, stock.config, [5, 2, 7], seed=3)
     with torch.inference_mode():
         expected, actual = stock(**inputs), candidate(**inputs)
     assert torch.equal(expected.last_hidden_state, actual.last_hidden_state)
 
 
 @pytest.mark.parametrize(
-    "model_type", ["bert-generation", "dpr", "xlm-roberta-xl", "roberta-prelayernorm"]
+    "model_type",
+    ["bert-generation", "dpr", "xlm-roberta-xl", "roberta-prelayernorm", "tapas", "rembert", "megatron-bert"],
 )
 @pytest.mark.parametrize("flag", ["is_decoder", "add_cross_attention"])
 def test_decoder_flags_give_a_reason(model_type, flag):
@@ -412,7 +534,7 @@ def test_decoder_flags_give_a_reason(model_type, flag):
 
 # model types examined and left out of patches/text.py (see its docstring for the reasons)
 REJECTED = (
-    "tapas", "rembert", "megatron-bert", "visual_bert", "flava_text_model", "canine", "big_bird",
+    "flava_text_model", "canine", "big_bird",
     "esm", "ibert", "xmod", "layoutlmv2", "layoutlmv3", "lilt", "bros", "luke", "mpnet", "roformer",
     "convbert", "mobilebert", "squeezebert", "funnel", "longformer", "nystromformer", "yoso", "mra",
     "deberta", "deberta-v2", "nomic_bert", "gte", "ultrabert", "eurobert", "jina_embeddings_v3", "modernbert",
@@ -423,25 +545,6 @@ REJECTED = (
 @pytest.mark.parametrize("model_type", REJECTED)
 def test_rejected_model_types_are_not_registered(model_type):
     assert registry.spec_for_model_type(model_type) is None
-
-
-def test_tapas_stays_stock_with_valid_inputs(tmp_path):
-    """TAPAS (7 token-type columns) is not registered: loads stock, explain names the reason."""
-    torch.manual_seed(0)
-    config = transformers.TapasConfig(vocab_size=VOCAB, max_position_embeddings=128, **TINY)
-    transformers.TapasModel(config).save_pretrained(str(tmp_path))
-    with bt_plugin.enabled(kernel="packed"):
-        model = transformers.TapasModel.from_pretrained(str(tmp_path)).eval()
-    assert not bt_plugin.is_converted(model)
-    assert "model_type 'tapas' is not supported" in bt_plugin.explain(model).reason
-    ids, mask = (_inputs("distilbert", config, [6, 2, 4], seed=1)[key] for key in ("input_ids", "attention_mask"))
-    generator = torch.Generator().manual_seed(2)
-    token_types = torch.stack(
-        [torch.randint(0, size, ids.shape, generator=generator) for size in config.type_vocab_sizes], dim=-1
-    )
-    with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=mask, token_type_ids=token_types * mask[..., None])
-    assert out.last_hidden_state.shape == (3, 6, TINY["hidden_size"])
 
 
 # --------------------------------------------------------------------------------------------
