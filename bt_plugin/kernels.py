@@ -73,6 +73,7 @@ class FastpathKernel:
     """PyTorch's fused encoder-layer kernel on nested tensors (the BetterTransformer path)."""
 
     name = "fastpath"
+    keeps_padded_rows = False
     activations = ("gelu", "relu")
     dtypes = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
     right_padded_only = True
@@ -134,12 +135,14 @@ class PackState:
     length: int
     segments: list[tuple[int, int]]
     rows: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None  # (B, 1, 1, L): every row kept, padded keys masked
 
 
 class PackedKernel:
     """Padding removed once; every dense op on the `[T, E]` matrix of real tokens."""
 
     name = "packed"
+    keeps_padded_rows = True
     right_padded_only = False
     dtypes = {
         "cpu": (torch.float32, torch.bfloat16, torch.float16),
@@ -155,12 +158,17 @@ class PackedKernel:
     def input_reason(self, hidden: torch.Tensor) -> str | None:
         return _dtype_reason(self.name, self.dtypes, hidden)
 
-    def pack(self, hidden: torch.Tensor, keep: torch.Tensor | None):
-        """`(carrier, state)`: the `[T, E]` real tokens (all `B * L` rows when `keep` is None)."""
+    def pack(self, hidden: torch.Tensor, keep: torch.Tensor | None, keep_padded_rows: bool = False):
+        """`(carrier, state)`: the `[T, E]` real tokens (all `B * L` rows when `keep` is None).
+
+        With `keep_padded_rows` every position is kept and computed as stock computes it (padded
+        queries attend to the real keys): for models that read padded positions.
+        """
         batch, length, embed = hidden.shape
         flat = hidden.reshape(batch * length, embed)
-        if keep is None:
-            return flat, PackState(batch, length, [(row * length, length) for row in range(batch)])
+        if keep is None or keep_padded_rows:
+            key_mask = None if keep is None else keep[:, None, None, :]
+            return flat, PackState(batch, length, [(row * length, length) for row in range(batch)], key_mask=key_mask)
         counts = keep.sum(dim=1).tolist()
         starts = [0]
         for count in counts[:-1]:
@@ -204,18 +212,19 @@ class PackedKernel:
         if not counts:  # no row has a real token: nothing to attend
             out = qkv.new_zeros(0, t.embed_dim)
         elif len(counts) == 1:  # equal lengths (e.g. nothing padded): one batched call
-            out = _sdpa(qkv, len(state.segments), counts.pop(), t)
+            out = _sdpa(qkv, len(state.segments), counts.pop(), t, state.key_mask)
         else:
             out = torch.cat([_sdpa(qkv[start:start + count], 1, count, t) for start, count in state.segments])
         out = F.linear(out, t.out_proj_weight, t.out_proj_bias)
         return out * t.layer_scale1 if t.layer_scale1 is not None else out
 
 
-def _sdpa(qkv: torch.Tensor, batch: int, count: int, t: LayerTensors) -> torch.Tensor:
-    """Unmasked attention of `batch` sequences of `count` tokens from their packed QKV rows."""
+def _sdpa(qkv: torch.Tensor, batch: int, count: int, t: LayerTensors, key_mask=None) -> torch.Tensor:
+    """Attention of `batch` sequences of `count` tokens from their packed QKV rows (keys masked
+    only when padded rows are kept)."""
     heads, size = t.num_heads, t.embed_dim // t.num_heads
     q, k, v = qkv.view(batch, count, 3, heads, size).permute(2, 0, 3, 1, 4).unbind(0)
-    out = F.scaled_dot_product_attention(q, k, v, scale=t.attention_scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=t.attention_scale)
     return out.transpose(1, 2).reshape(batch * count, t.embed_dim)
 
 

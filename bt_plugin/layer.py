@@ -257,7 +257,10 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict):
         _stats(layer).fell_back(reason)
         return layer._bt_stock_class.forward(layer, hidden, *args, **kwargs)
     _stats(layer).fused()
-    carrier, state = kernel.pack(batch_first, keep)
+    if layer._bt_spec.reads_padding and keep is not None:
+        carrier, state = kernel.pack(batch_first, keep, keep_padded_rows=True)
+    else:
+        carrier, state = kernel.pack(batch_first, keep)
     out = kernel.layer(carrier, layer_tensors(layer), state)
     if frame is not None and _stays_packed(layer, batch_first, kernel):
         frame.carrier, frame.state, frame.kernel = out, state, kernel
@@ -290,6 +293,8 @@ def _eligible(layer, hidden, args, kwargs, mask, kernel):
     keep, reason = key_padding_mask(mask, hidden.size(0), hidden.size(1))
     if reason is None and keep is not None:
         reason = padding_reason(keep, right_padded_only=kernel.right_padded_only)
+        if reason is None and spec.reads_padding and not kernel.keeps_padded_rows:
+            reason = f"the model reads padded positions, which {kernel.name} drops (packed computes them)"
     return keep, reason
 
 

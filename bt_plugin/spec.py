@@ -41,6 +41,9 @@ class EncoderSpec:
             `(hidden, None)` where stock returns `(hidden, attention_weights)`).
         sequence_first: Whether the layer takes and returns `(L, B, E)` (legacy fairseq layout).
         mask_marks_padding: Whether a 2-D mask marks padding with 1/True (legacy fairseq).
+        reads_padding: Whether the model reads the layer output at padded positions (SigLIP text
+            pools the last position): then padded rows are computed exactly as stock does (no
+            padding removed from the dense work, keys still masked), which `packed` can do.
         config_checks: Callables `config -> reason | None`; a reason leaves the model stock.
         layer_checks: Callables `layer -> reason | None` run on every call (for settings a
             model can switch at run time); a reason runs the stock forward for that call.
@@ -74,6 +77,7 @@ class EncoderSpec:
     tuple_length: int = 1
     sequence_first: bool = False
     mask_marks_padding: bool = False
+    reads_padding: bool = False
     config_checks: tuple[ConfigCheck, ...] = field(default=())
     layer_checks: tuple[Callable[[Any], "str | None"], ...] = field(default=())
 

@@ -34,8 +34,7 @@ _MODELS = "transformers.models"
 def _no_stable_layer_norm(config) -> str | None:
     if getattr(config, "do_stable_layer_norm", False):
         return (
-            "config.do_stable_layer_norm was True (the pre-layer-norm *EncoderLayerStableLayerNorm; "
-            "bt_plugin serves one spec per model type and this one is post-layer-norm)"
+            "config.do_stable_layer_norm was True (the pre-layer-norm layer has its own spec)"
         )
     return None
 

@@ -9,6 +9,22 @@ from bt_plugin.spec import EncoderSpec, config_flags_false
 
 _MODELS = "transformers.models"
 
+# The attribute paths of BertLayer, shared by every family that copies it (patches/text.py).
+BERT_LAYER_PATHS = dict(
+    query="attention.self.query",
+    key="attention.self.key",
+    value="attention.self.value",
+    out_proj="attention.output.dense",
+    norm1="attention.output.LayerNorm",
+    linear1="intermediate.dense",
+    activation="intermediate.intermediate_act_fn",
+    linear2="output.dense",
+    norm2="output.LayerNorm",
+    num_heads="attention.self.num_attention_heads",
+)
+# Causal self-attention and cross-attention are not fused: such configurations stay stock.
+ENCODER_ONLY = config_flags_false("is_decoder", "add_cross_attention")
+
 SPEC = EncoderSpec(
     name="bert",
     model_types=(
@@ -24,15 +40,6 @@ SPEC = EncoderSpec(
         f"{_MODELS}.data2vec.modeling_data2vec_text.Data2VecTextLayer",
         f"{_MODELS}.roc_bert.modeling_roc_bert.RoCBertLayer",
     ),
-    query="attention.self.query",
-    key="attention.self.key",
-    value="attention.self.value",
-    out_proj="attention.output.dense",
-    norm1="attention.output.LayerNorm",
-    linear1="intermediate.dense",
-    activation="intermediate.intermediate_act_fn",
-    linear2="output.dense",
-    norm2="output.LayerNorm",
-    num_heads="attention.self.num_attention_heads",
-    config_checks=(config_flags_false("is_decoder", "add_cross_attention"),),
+    **BERT_LAYER_PATHS,
+    config_checks=(ENCODER_ONLY,),
 )

@@ -29,7 +29,8 @@ Examined and left stock:
   drives its text layers itself, interleaved with cross-modal layers).
 """
 
-from bt_plugin.spec import EncoderSpec, config_flags_false
+from bt_plugin.patches.bert import BERT_LAYER_PATHS, ENCODER_ONLY
+from bt_plugin.spec import EncoderSpec
 
 _MODELS = "transformers.models"
 
@@ -56,17 +57,8 @@ BERT_LAYOUT = EncoderSpec(
         f"{_MODELS}.chinese_clip.modeling_chinese_clip.ChineseCLIPTextLayer",
         f"{_MODELS}.clap.modeling_clap.ClapTextLayer",
     ),
-    query="attention.self.query",
-    key="attention.self.key",
-    value="attention.self.value",
-    out_proj="attention.output.dense",
-    norm1="attention.output.LayerNorm",
-    linear1="intermediate.dense",
-    activation="intermediate.intermediate_act_fn",
-    linear2="output.dense",
-    norm2="output.LayerNorm",
-    num_heads="attention.self.num_attention_heads",
-    config_checks=(config_flags_false("is_decoder", "add_cross_attention"),),
+    **BERT_LAYER_PATHS,
+    config_checks=(ENCODER_ONLY,),
 )
 
 # DistilBERT's TransformerBlock: post-layer-norm, attention projections named q/k/v/out_lin.
@@ -110,18 +102,9 @@ XLM_ROBERTA_XL = EncoderSpec(
     name="xlm_roberta_xl",
     model_types=("xlm-roberta-xl",),
     layer_classes=(f"{_MODELS}.xlm_roberta_xl.modeling_xlm_roberta_xl.XLMRobertaXLLayer",),
-    query="attention.self.query",
-    key="attention.self.key",
-    value="attention.self.value",
-    out_proj="attention.output.dense",
-    norm1="attention.self_attn_layer_norm",
-    linear1="intermediate.dense",
-    activation="intermediate.intermediate_act_fn",
-    linear2="output.dense",
-    norm2="LayerNorm",
-    num_heads="attention.self.num_attention_heads",
+    **{**BERT_LAYER_PATHS, "norm1": "attention.self_attn_layer_norm", "norm2": "LayerNorm"},
     norm_first=True,
-    config_checks=(config_flags_false("is_decoder", "add_cross_attention"),),
+    config_checks=(ENCODER_ONLY,),
 )
 
 # RoBERTa-PreLayerNorm: pre-layer-norm, the norms live in the attention and intermediate blocks.
@@ -129,18 +112,9 @@ ROBERTA_PRELAYERNORM = EncoderSpec(
     name="roberta_prelayernorm",
     model_types=("roberta-prelayernorm",),
     layer_classes=(f"{_MODELS}.roberta_prelayernorm.modeling_roberta_prelayernorm.RobertaPreLayerNormLayer",),
-    query="attention.self.query",
-    key="attention.self.key",
-    value="attention.self.value",
-    out_proj="attention.output.dense",
-    norm1="attention.LayerNorm",
-    linear1="intermediate.dense",
-    activation="intermediate.intermediate_act_fn",
-    linear2="output.dense",
-    norm2="intermediate.LayerNorm",
-    num_heads="attention.self.num_attention_heads",
+    **{**BERT_LAYER_PATHS, "norm1": "attention.LayerNorm", "norm2": "intermediate.LayerNorm"},
     norm_first=True,
-    config_checks=(config_flags_false("is_decoder", "add_cross_attention"),),
+    config_checks=(ENCODER_ONLY,),
 )
 
 # BERT's layer layout again, post-layer-norm, in the older call convention: the encoder passes
@@ -164,18 +138,9 @@ BERT_LEGACY = EncoderSpec(
         f"{_MODELS}.rembert.modeling_rembert.RemBertLayer",
         f"{_MODELS}.visual_bert.modeling_visual_bert.VisualBertLayer",
     ),
-    query="attention.self.query",
-    key="attention.self.key",
-    value="attention.self.value",
-    out_proj="attention.output.dense",
-    norm1="attention.output.LayerNorm",
-    linear1="intermediate.dense",
-    activation="intermediate.intermediate_act_fn",
-    linear2="output.dense",
-    norm2="output.LayerNorm",
-    num_heads="attention.self.num_attention_heads",
+    **BERT_LAYER_PATHS,
     returns_tuple=True,
-    config_checks=(config_flags_false("is_decoder", "add_cross_attention"),),
+    config_checks=(ENCODER_ONLY,),
 )
 
 # Megatron-BERT: the BERT layer made pre-layer-norm (`attention.ln` before self-attention, `ln`
@@ -187,19 +152,10 @@ MEGATRON_BERT = EncoderSpec(
     name="megatron_bert",
     model_types=("megatron-bert",),
     layer_classes=(f"{_MODELS}.megatron_bert.modeling_megatron_bert.MegatronBertLayer",),
-    query="attention.self.query",
-    key="attention.self.key",
-    value="attention.self.value",
-    out_proj="attention.output.dense",
-    norm1="attention.ln",
-    linear1="intermediate.dense",
-    activation="intermediate.intermediate_act_fn",
-    linear2="output.dense",
-    norm2="ln",
-    num_heads="attention.self.num_attention_heads",
+    **{**BERT_LAYER_PATHS, "norm1": "attention.ln", "norm2": "ln"},
     norm_first=True,
     returns_tuple=True,
-    config_checks=(config_flags_false("is_decoder", "add_cross_attention"),),
+    config_checks=(ENCODER_ONLY,),
 )
 
 SPECS: list[EncoderSpec] = [

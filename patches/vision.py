@@ -100,11 +100,6 @@ def _text_tower_falls_back(why: str):
 # Causal attention: with padding transformers passes a mask whose query rows differ, without it
 # (SDPA) no mask at all and `is_causal=True`; the fused layer computes bidirectional attention.
 _CAUSAL_TEXT_TOWER = _text_tower_falls_back("is causal (the fused layer attends bidirectionally)")
-# Bidirectional, but the pooled text embedding is the LAST position, a padding position for each
-# padded row (the zero-shot pipeline pads to 64 with a mask): the fused path leaves zeros there.
-_LAST_POSITION_POOLED_TEXT_TOWER = _text_tower_falls_back(
-    "pools its last position, a padding position in padded rows (the fused path leaves zeros there)"
-)
 
 SPECS: list[EncoderSpec] = [
     # ViT style
@@ -163,12 +158,14 @@ SPECS: list[EncoderSpec] = [
     EncoderSpec(name="owlv2", model_types=("owlv2", "owlv2_vision_model"),
                 layer_classes=(f"{_MODELS}.owlv2.modeling_owlv2.Owlv2EncoderLayer",),
                 **_CLIP_PATHS, layer_checks=(_CAUSAL_TEXT_TOWER,)),
-    EncoderSpec(name="siglip", model_types=("siglip", "siglip_vision_model"),
+    # SigLIP text is bidirectional but pools its LAST position, a padding position in padded
+    # rows (the zero-shot pipeline pads to 64): `reads_padding` computes padded rows as stock does.
+    EncoderSpec(name="siglip", model_types=("siglip", "siglip_vision_model", "siglip_text_model"),
                 layer_classes=(f"{_MODELS}.siglip.modeling_siglip.SiglipEncoderLayer",),
-                **_CLIP_PATHS, layer_checks=(_LAST_POSITION_POOLED_TEXT_TOWER,)),
-    EncoderSpec(name="siglip2", model_types=("siglip2", "siglip2_vision_model"),
+                **_CLIP_PATHS, reads_padding=True),
+    EncoderSpec(name="siglip2", model_types=("siglip2", "siglip2_vision_model", "siglip2_text_model"),
                 layer_classes=(f"{_MODELS}.siglip2.modeling_siglip2.Siglip2EncoderLayer",),
-                **_CLIP_PATHS, layer_checks=(_LAST_POSITION_POOLED_TEXT_TOWER,)),
+                **_CLIP_PATHS, reads_padding=True),
     # text towers of their own classes (BERT/XLM-R style, see patches/text.py): only the vision
     # layers match these specs, the text tower of the composite stays stock
     EncoderSpec(name="chinese_clip", model_types=("chinese_clip", "chinese_clip_vision_model"),
