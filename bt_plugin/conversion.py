@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from bt_plugin import kernels, registry
+from bt_plugin.compat import warn_unsupported_versions_once
 from bt_plugin.eligibility import kernel_reason, structure_reason
 from bt_plugin.layer import FusedLayer, LayerStats, fused_class_for, fused_qkv, unfuse_qkv
 from bt_plugin.spec import resolve_path
@@ -100,6 +101,7 @@ def convert(model: nn.Module, *, kernel: str = "auto", strict: bool = True) -> n
         True
         ```
     """
+    warn_unsupported_versions_once()
     result = plan(model, kernel)
     converted = sum(isinstance(p.layer, FusedLayer) for p in result.layers)
     todo = [p for p in result.layers if p.reason is None and not isinstance(p.layer, FusedLayer)]

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
+from bt_plugin.compat import warn_unsupported_versions_once
 from bt_plugin.kernels import check_kernel_name
 
 logger = logging.getLogger("bt_plugin")
@@ -75,6 +76,7 @@ def enable(*, kernel: str = "auto", _source: str = "code") -> None:
         ```
     """
     check_kernel_name(kernel)
+    warn_unsupported_versions_once()
     with _lock:
         _install()
         _global.update(enabled=True, kernel=kernel, source=_source)

@@ -1,0 +1,71 @@
+"""Declared version ranges, and enable/disable racing with loads."""
+
+import logging
+import threading
+
+import pytest
+from transformers import BertModel
+from transformers.modeling_utils import PreTrainedModel
+
+import bt_plugin
+from bt_plugin import compat
+from bt_plugin.layer import FusedLayer
+from support import save_model
+
+
+def test_installed_versions_are_inside_the_declared_ranges():
+    assert compat.version_warnings() == []
+
+
+def test_an_unsupported_transformers_version_is_reported_once(monkeypatch, caplog):
+    import importlib.metadata as metadata
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "4.40.0" if name == "transformers" else real(name))
+    monkeypatch.setattr(compat, "_warned", set())
+    lines = compat.version_warnings()
+    assert len(lines) == 1 and "transformers>=5.0,<6" in lines[0] and "4.40.0" in lines[0]
+    with caplog.at_level(logging.WARNING, logger="bt_plugin"):
+        bt_plugin.enable()
+        bt_plugin.enable()
+    assert sum("found 4.40.0" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_model("bert", tmp_path_factory.mktemp("bert"), num_hidden_layers=2)
+
+
+def test_enable_disable_racing_with_loads_never_half_patches(model_dir):
+    original = PreTrainedModel.__dict__["from_pretrained"], PreTrainedModel.__dict__["_from_config"]
+    stop = threading.Event()
+    errors, loaded = [], []
+
+    def toggle():
+        while not stop.is_set():
+            bt_plugin.enable()
+            bt_plugin.disable()
+
+    def load():
+        try:
+            for _ in range(6):
+                model = BertModel.from_pretrained(model_dir)
+                fused = [isinstance(layer, FusedLayer) for layer in model.encoder.layer]
+                loaded.append(fused)
+        except Exception as error:  # noqa: BLE001 - any error fails the test below
+            errors.append(error)
+
+    togglers = [threading.Thread(target=toggle) for _ in range(2)]
+    loaders = [threading.Thread(target=load) for _ in range(3)]
+    for thread in togglers + loaders:
+        thread.start()
+    for thread in loaders:
+        thread.join()
+    stop.set()
+    for thread in togglers:
+        thread.join()
+    bt_plugin.disable()
+    assert errors == []
+    assert len(loaded) == 18
+    assert all(all(f) or not any(f) for f in loaded)  # each model fully converted or fully stock
+    assert (PreTrainedModel.__dict__["from_pretrained"], PreTrainedModel.__dict__["_from_config"]) == original
