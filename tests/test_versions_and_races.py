@@ -69,3 +69,21 @@ def test_enable_disable_racing_with_loads_never_half_patches(model_dir):
     assert len(loaded) == 18
     assert all(all(f) or not any(f) for f in loaded)  # each model fully converted or fully stock
     assert (PreTrainedModel.__dict__["from_pretrained"], PreTrainedModel.__dict__["_from_config"]) == original
+
+
+def test_disable_leaves_converted_models_converted_and_working(model_dir):
+    import torch
+
+    from support import padded_batch
+
+    bt_plugin.enable()
+    model = BertModel.from_pretrained(model_dir)
+    bt_plugin.disable()
+    stock = BertModel.from_pretrained(model_dir)
+    assert bt_plugin.is_converted(model) and not bt_plugin.is_converted(stock)
+    ids, mask = padded_batch([5, 2, 8], seed=7, pad_token=0)
+    with torch.inference_mode():
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = stock(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (got - want)[mask.bool()].abs().max().item() <= 1e-5
+    assert all(layer.fused_calls == 1 for layer in bt_plugin.explain(model).layers)
