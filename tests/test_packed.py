@@ -137,3 +137,24 @@ def test_bt_plugin_kernel_environment_variable(tmp_path):
     env["BT_PLUGIN_KERNEL"] = "nope"
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert "valid kernels: auto, fastpath, packed" in out.stderr  # a warning, and the plugin stays off
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kernel", ["packed", "fastpath"])
+def test_half_precision_runs_packed_or_falls_back_cleanly(tmp_path, dtype, kernel):
+    """packed runs the same torch ops as stock in bf16/fp16; fastpath (fp32 only on CPU) falls back."""
+    path = save_model("bert", tmp_path)
+    stock = model_class("bert").from_pretrained(path, dtype=dtype).eval()
+    converted = bt_plugin.convert(model_class("bert").from_pretrained(path, dtype=dtype).eval(), kernel=kernel)
+    ids, mask = padded_batch([9, 2, 14, 5], seed=3, pad_token=0)
+    with torch.inference_mode():
+        want = stock(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        got = converted(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+    real = mask.bool()
+    assert (want - got)[real].abs().max().item() <= 0.05  # a few bf16 ulps at |x| ~ 4; same ops
+    report = bt_plugin.explain(converted)
+    if kernel == "packed":
+        assert all(layer.fused_calls == 1 and layer.fallback_calls == 0 for layer in report.layers), str(report)
+    else:
+        assert all(layer.fallback_calls == 1 and "dtype was" in layer.reason for layer in report.layers), str(report)
+        assert torch.equal(want, got)  # the stock forward ran
