@@ -87,3 +87,13 @@ def test_disable_leaves_converted_models_converted_and_working(model_dir):
         want = stock(input_ids=ids, attention_mask=mask).last_hidden_state
     assert (got - want)[mask.bool()].abs().max().item() <= 1e-5
     assert all(layer.fused_calls == 1 for layer in bt_plugin.explain(model).layers)
+
+
+def test_convert_refuses_what_is_not_a_transformers_model():
+    import torch
+
+    with pytest.raises(ValueError, match="not a transformers model"):
+        bt_plugin.convert(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        bt_plugin.convert("bert-base-uncased")
+    assert "not a transformers model" in bt_plugin.explain(torch.nn.Linear(2, 2)).reason
