@@ -1,0 +1,127 @@
+"""`python -m bt_plugin doctor`: versions, the zero-code hook, the flags, the registered families."""
+
+from __future__ import annotations
+
+import json
+import os
+import site
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+PTH_NAME = "bt_plugin.pth"
+PACKAGES = ("torch", "transformers", "wrapt", "bt-plugin")
+
+
+def versions() -> dict[str, str | None]:
+    """Python and the installed versions of bt_plugin's dependencies (None when missing)."""
+    import importlib_metadata
+
+    found: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def site_dirs() -> list[str]:
+    """The site-packages directories the `.pth` hook may live in, without duplicates."""
+    dirs = list(getattr(site, "getsitepackages", lambda: [])())
+    dirs.append(sysconfig.get_paths()["purelib"])
+    return list(dict.fromkeys(str(Path(d)) for d in dirs))
+
+
+def pth_files() -> list[str]:
+    """Paths of installed `bt_plugin.pth` hooks."""
+    return [str(Path(d) / PTH_NAME) for d in site_dirs() if (Path(d) / PTH_NAME).is_file()]
+
+
+def flags(environ=os.environ) -> dict[str, Any]:
+    """BT_PLUGIN / BT_PLUGIN_KERNEL values, whether they parse, and a warning line if not."""
+    from bt_plugin._boot import FLAG, KERNEL_FLAG, parse_flag
+    from bt_plugin.kernels import KERNEL_CHOICES
+
+    value, kernel = environ.get(FLAG), environ.get(KERNEL_FLAG)
+    state = parse_flag(value)
+    warnings = []
+    if state is None:
+        warnings.append(f"{FLAG}={value!r} is malformed: the plugin stays off "
+                        f"(use 1/true/yes/on or 0/false/no/off)")
+    if kernel is not None and (kernel.strip() or "auto") not in KERNEL_CHOICES:
+        warnings.append(f"{KERNEL_FLAG}={kernel!r} is malformed: valid kernels are {', '.join(KERNEL_CHOICES)}")
+    return {FLAG: value, "flag_enabled": state, KERNEL_FLAG: kernel, "warnings": warnings}
+
+
+def hook_active() -> bool:
+    """Whether the from_pretrained patch is installed in this process (after importing transformers)."""
+    import transformers.modeling_utils  # noqa: F401  (lets the .pth hook activate, if it is armed)
+
+    from bt_plugin.patching import is_patched
+
+    return is_patched()
+
+
+def families() -> list[dict[str, Any]]:
+    """Each registered family with its model types and the distribution of its entry point."""
+    import importlib_metadata
+
+    from bt_plugin.registry import ENTRY_POINT_GROUP, _load_entry_point
+
+    rows = []
+    for entry_point in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = entry_point.dist.name if entry_point.dist else None
+        try:
+            specs = _load_entry_point(entry_point)
+        except Exception as error:
+            rows.append({"family": None, "entry_point": entry_point.name, "distribution": dist,
+                         "model_types": [], "error": f"{type(error).__name__}: {error}"})
+            continue
+        for spec in specs:
+            rows.append({"family": spec.name, "entry_point": entry_point.name, "distribution": dist,
+                         "model_types": list(spec.model_types), "error": None})
+    return rows
+
+
+def diagnose() -> dict[str, Any]:
+    """Everything `doctor` reports, as plain data."""
+    flag_info = flags()
+    patched = hook_active()
+    return {
+        "versions": versions(),
+        "pth_installed": pth_files(),
+        "flags": flag_info,
+        "active": bool(flag_info["flag_enabled"]) and patched,
+        "patched": patched,
+        "families": families(),
+    }
+
+
+def format_text(report: dict[str, Any]) -> str:
+    """A human-readable rendering of `diagnose()`."""
+    lines = ["versions:"]
+    lines += [f"  {name:<13} {version or 'not installed'}" for name, version in report["versions"].items()]
+    pth = report["pth_installed"]
+    lines.append(f"bt_plugin.pth: {'installed at ' + ', '.join(pth) if pth else 'not installed in site-packages'}")
+    flag_info = report["flags"]
+    lines.append(f"BT_PLUGIN={flag_info['BT_PLUGIN']!r} BT_PLUGIN_KERNEL={flag_info['BT_PLUGIN_KERNEL']!r}")
+    lines += [f"warning: {warning}" for warning in flag_info["warnings"]]
+    lines.append(f"zero-code hook active in this process: {'yes' if report['active'] else 'no'} "
+                 f"(from_pretrained patched: {'yes' if report['patched'] else 'no'})")
+    lines.append("registered families:")
+    for row in report["families"]:
+        if row["error"]:
+            lines.append(f"  [broken entry point {row['entry_point']!r} from {row['distribution']}]: {row['error']}")
+        else:
+            lines.append(f"  {row['family']:<26} from {row['distribution']} ({row['entry_point']}): "
+                         f"{', '.join(row['model_types'])}")
+    return "\n".join(lines)
+
+
+def run(as_json: bool = False) -> int:
+    """Print the report; always 0 (doctor informs, it does not judge)."""
+    report = diagnose()
+    print(json.dumps(report) if as_json else format_text(report))
+    return 0
