@@ -352,3 +352,28 @@ def test_sentence_transformers_encode():
     print(f"\nsentence-transformers encode of {len(ST_SENTENCES)} texts, batch_size=16, 1 thread: "
           f"stock {stock_s * 1e3:.1f} ms, bt_plugin {fused_s * 1e3:.1f} ms (medians of 3), "
           f"ratio stock/bt_plugin {stock_s / fused_s:.2f}x")
+
+
+def test_zero_code_pipeline_and_sentence_transformers_in_a_subprocess():
+    """BT_PLUGIN=1 and no bt_plugin import before the loads: the pipeline's and
+    sentence-transformers' models come back converted and run fused."""
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+from transformers import pipeline
+from sentence_transformers import SentenceTransformer
+extractor = pipeline("feature-extraction", model={str(MODEL_DIR)!r})
+extractor(["A short one.", "A somewhat longer sentence with more tokens."], batch_size=2)
+st = SentenceTransformer({str(MODEL_DIR)!r}, device="cpu")
+st.encode(["A short one.", "A somewhat longer sentence with more tokens."], batch_size=2)
+import bt_plugin.report as report  # only to inspect, after the loads
+for model in (extractor.model, st[0].auto_model):
+    layers = report.explain(model).layers
+    print(all(l.converted and l.fused_calls > 0 and l.fallback_calls == 0 for l in layers))
+"""
+    env = dict(os.environ, BT_PLUGIN="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"], done.stdout + done.stderr
