@@ -15,9 +15,8 @@ from bt_plugin import kernels, registry
 from bt_plugin.compat import warn_unsupported_versions_once
 from bt_plugin.eligibility import kernel_reason, structure_reason
 from bt_plugin.layer import FusedLayer, LayerStats, fused_class_for, fused_qkv, unfuse_qkv
-from bt_plugin.spec import resolve_path
-from bt_plugin.stack import StackOwner, attach, detach
-from bt_plugin.spec import EncoderSpec
+from bt_plugin.spec import EncoderSpec, resolve_path
+from bt_plugin.stack import attach, detach
 
 logger = logging.getLogger("bt_plugin")
 
@@ -144,8 +143,7 @@ def revert(model: nn.Module) -> nn.Module:
         ```
     """
     for module in model.modules():
-        if isinstance(module, StackOwner):
-            detach(module)
+        detach(module)  # a no-op for anything but a stack owner
         if isinstance(module, FusedLayer):
             unfuse_qkv(module)
             for key in [k for k in module.__dict__ if k.startswith("_bt_")]:

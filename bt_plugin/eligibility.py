@@ -25,13 +25,20 @@ HARMLESS_KWARGS = frozenset({
 })
 
 
+def _roles_or_reason(layer: nn.Module, spec: EncoderSpec) -> tuple[dict | None, str | None]:
+    """`(roles, None)`, or `(None, reason)` when a spec path no longer resolves on the layer."""
+    try:
+        return resolve_roles(layer, spec), None
+    except AttributeError as error:
+        return None, f"the layer no longer matches the {spec.name} spec ({error})"
+
+
 def structure_reason(layer: nn.Module, spec: EncoderSpec, roles: dict | None = None) -> str | None:
     """Whether the layer still has the structure the spec describes (exact module types, shapes)."""
     if roles is None:
-        try:
-            roles = resolve_roles(layer, spec)
-        except AttributeError as error:
-            return f"the layer no longer matches the {spec.name} spec ({error})"
+        roles, reason = _roles_or_reason(layer, spec)
+        if reason:
+            return reason
     for role in _LINEARS:
         if type(roles[role]) is not nn.Linear:
             return f"{getattr(spec, role)} was {_type_name(roles[role])}, not torch.nn.Linear (an adapter?)"
@@ -106,11 +113,8 @@ def layer_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor, kern
     reason = hook_reason(layer)
     if reason:
         return reason
-    try:
-        roles = resolve_roles(layer, spec)
-    except AttributeError as error:
-        return f"the layer no longer matches the {spec.name} spec ({error})"
-    reason = structure_reason(layer, spec, roles) or kernel.input_reason(hidden)
+    roles, reason = _roles_or_reason(layer, spec)
+    reason = reason or structure_reason(layer, spec, roles) or kernel.input_reason(hidden)
     if reason:
         return reason
     weight = roles["out_proj"].weight

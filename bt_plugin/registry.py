@@ -80,13 +80,13 @@ def spec_for_model_type(model_type: str) -> EncoderSpec | None:
 def spec_for_config(config) -> tuple[EncoderSpec | None, str | None]:
     """`(spec, reason)`: the first spec for the config's model type whose config checks pass;
     when all refuse, the first one with its reason; `(None, None)` when none is registered."""
-    candidates = specs_for_model_type(getattr(config, "model_type", None))
-    for spec in candidates:
-        if spec.config_reason(config) is None:
+    first = None
+    for spec in specs_for_model_type(getattr(config, "model_type", None)):
+        reason = spec.config_reason(config)
+        if reason is None:
             return spec, None
-    if candidates:
-        return candidates[0], candidates[0].config_reason(config)
-    return None, None
+        first = first or (spec, reason)
+    return first or (None, None)
 
 
 def supported_model_types() -> list[str]:

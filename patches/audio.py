@@ -26,6 +26,7 @@ seamless_m4t speech encoders (conformer blocks: convolution module, relative/rot
 
 from dataclasses import replace
 
+from bt_plugin.patches.seq2seq import BART_LAYER_PATHS
 from bt_plugin.spec import EncoderSpec
 
 _MODELS = "transformers.models"
@@ -96,26 +97,12 @@ WAV2VEC2_STABLE_LAYER_NORM = replace(
     config_checks=(_stable_layer_norm_without_adapter,),
 )
 
-_BART_STYLE_PATHS = dict(
-    query="self_attn.q_proj",
-    key="self_attn.k_proj",
-    value="self_attn.v_proj",
-    out_proj="self_attn.out_proj",
-    norm1="self_attn_layer_norm",
-    linear1="fc1",
-    activation="activation_fn",
-    linear2="fc2",
-    norm2="final_layer_norm",
-    num_heads="self_attn.num_heads",
-    mask_argument=("attention_mask", 1),
-)
-
 WHISPER = EncoderSpec(
     name="whisper",
     model_types=("whisper",),
     layer_classes=(f"{_MODELS}.whisper.modeling_whisper.WhisperEncoderLayer",),
     norm_first=True,
-    **_BART_STYLE_PATHS,
+    **BART_LAYER_PATHS,
 )
 
 SPEECH_TO_TEXT = EncoderSpec(
@@ -123,7 +110,7 @@ SPEECH_TO_TEXT = EncoderSpec(
     model_types=("speech_to_text",),
     layer_classes=(f"{_MODELS}.speech_to_text.modeling_speech_to_text.Speech2TextEncoderLayer",),
     norm_first=True,
-    **_BART_STYLE_PATHS,
+    **BART_LAYER_PATHS,
 )
 
 SPECS: list[EncoderSpec] = [WAV2VEC2, WAV2VEC2_STABLE_LAYER_NORM, WHISPER, SPEECH_TO_TEXT]

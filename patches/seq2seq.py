@@ -32,7 +32,9 @@ from bt_plugin.spec import EncoderSpec
 
 _MODELS = "transformers.models"
 
-_PATHS = dict(
+# The attribute paths of BART-style encoder layers (fairseq naming), shared with the speech
+# encoders of patches/audio.py (Whisper, Speech2Text).
+BART_LAYER_PATHS = dict(
     query="self_attn.q_proj",
     key="self_attn.k_proj",
     value="self_attn.v_proj",
@@ -44,7 +46,6 @@ _PATHS = dict(
     norm2="final_layer_norm",
     num_heads="self_attn.num_heads",
     mask_argument=("attention_mask", 1),
-    returns_tuple=False,
 )
 
 BART = EncoderSpec(
@@ -57,7 +58,7 @@ BART = EncoderSpec(
         f"{_MODELS}.plbart.modeling_plbart.PLBartEncoderLayer",
     ),
     norm_first=False,
-    **_PATHS,
+    **BART_LAYER_PATHS,
 )
 
 MBART = EncoderSpec(
@@ -70,7 +71,7 @@ MBART = EncoderSpec(
         f"{_MODELS}.blenderbot.modeling_blenderbot.BlenderbotEncoderLayer",
     ),
     norm_first=True,
-    **_PATHS,
+    **BART_LAYER_PATHS,
 )
 
 
@@ -87,7 +88,7 @@ MVP = EncoderSpec(
     layer_classes=(f"{_MODELS}.mvp.modeling_mvp.MvpEncoderLayer",),
     norm_first=False,
     config_checks=(_no_prompts,),
-    **dict(_PATHS, returns_tuple=True),
+    **dict(BART_LAYER_PATHS, returns_tuple=True),
 )
 
 # FSMT keeps fairseq's legacy conventions: (T, B, C) hidden states, a (B, T) mask that marks
@@ -96,7 +97,7 @@ FSMT = EncoderSpec(
     name="fsmt",
     model_types=("fsmt",),
     layer_classes=(f"{_MODELS}.fsmt.modeling_fsmt.EncoderLayer",),
-    **{**_PATHS, "mask_argument": ("encoder_padding_mask", 1), "returns_tuple": True},
+    **{**BART_LAYER_PATHS, "mask_argument": ("encoder_padding_mask", 1), "returns_tuple": True},
     tuple_length=2,
     sequence_first=True,
     mask_marks_padding=True,
