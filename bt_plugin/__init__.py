@@ -10,9 +10,35 @@ Importing this package is cheap: torch, transformers and wrapt are imported on f
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+
+def _alias_checkout_patches() -> None:
+    # In a source checkout the built-in specs are the top-level `patches/` folder, which installs
+    # as `bt_plugin.patches`. When this copy of bt_plugin is a checkout (started from the clone's
+    # root, it shadows any installed copy), register that folder under its installed name, so
+    # the checkout behaves exactly like a wheel or editable install.
+    here = os.path.dirname(os.path.abspath(__file__))
+    source = os.path.join(os.path.dirname(here), "patches", "__init__.py")
+    if "bt_plugin.patches" in sys.modules or os.path.isdir(os.path.join(here, "patches")):
+        return
+    if not os.path.isfile(source):
+        return
+    spec = importlib.util.spec_from_file_location(
+        "bt_plugin.patches", source, submodule_search_locations=[os.path.dirname(source)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bt_plugin.patches"] = module
+    spec.loader.exec_module(module)
+    globals()["patches"] = module  # what `import bt_plugin.patches` would bind on the parent
+
+
+_alias_checkout_patches()
 
 _EXPORTS = {
     "enable": "bt_plugin.patching",

@@ -67,14 +67,20 @@ def demo(path: str | None, repeats: int) -> int:
         for _ in range(repeats):  # interleaved, so machine noise hits both alike
             stock_times.append(_median_ms(lambda: stock(**batch), 1))
             fused_times.append(_median_ms(lambda: fused(**batch), 1))
-    print(bt_plugin.explain(fused))
+    report = bt_plugin.explain(fused)
+    print(report)
     print(f"\nbatch: {real.shape[0]} sentences padded to {real.shape[1]} tokens, "
           f"{real.float().mean().item():.0%} real tokens")
+    all_fused = bool(report.layers) and all(
+        layer.converted and layer.fused_calls and not layer.fallback_calls for layer in report.layers
+    )
+    print(f"fused: {sum(layer.fallback_calls == 0 and layer.fused_calls > 0 for layer in report.layers)}"
+          f"/{len(report.layers)} encoder layers ran fused on every call ({'ok' if all_fused else 'FAIL'})")
     print(f"max abs difference to stock on real tokens: {diff:.2e} ({'ok' if diff <= 1e-5 else 'FAIL'} at 1e-5)")
     stock_ms, fused_ms = statistics.median(stock_times), statistics.median(fused_times)
     print(f"stock: {stock_ms:.1f} ms  bt_plugin: {fused_ms:.1f} ms  speed-up: {stock_ms / fused_ms:.2f}x "
           f"(median of {repeats} interleaved runs)")
-    return 0 if diff <= 1e-5 else 1
+    return 0 if diff <= 1e-5 and all_fused else 1
 
 
 def main(argv: list[str] | None = None) -> int:

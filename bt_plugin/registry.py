@@ -1,25 +1,29 @@
-"""Architecture specs, discovered once through the entry-point group `bt_plugin.patches`.
+"""Architecture specs: the built-in families, then third-party ones from entry points, read once.
 
-Built-in families are declared in bt_plugin's own package metadata; a third-party distribution
-adds one by declaring an entry point in the same group that points at an `EncoderSpec` (or a
-list of them). A broken entry point is skipped with one warning; the rest keeps working.
+The built-in families are listed in `bt_plugin.patches.BUILTIN_FAMILIES` and imported from the
+running copy of bt_plugin itself, never through package metadata: a checkout that shadows an
+installed copy (or an installed copy of another version) must not change which built-ins exist.
+A third-party distribution adds a family by declaring an entry point in the group
+`bt_plugin.patches` that points at an `EncoderSpec` (or a list of them). A broken entry point is
+skipped with one warning; the rest keeps working.
 """
 
 from __future__ import annotations
 
+import importlib
 import threading
 import warnings
 
 from bt_plugin.spec import EncoderSpec
 
 ENTRY_POINT_GROUP = "bt_plugin.patches"
+BUILTIN_PACKAGE = "bt_plugin.patches"
 
 _lock = threading.Lock()
 _specs: dict[str, EncoderSpec] | None = None
 
 
-def _load_entry_point(entry_point) -> list[EncoderSpec]:
-    loaded = entry_point.load()
+def _as_specs(loaded) -> list[EncoderSpec]:
     items = loaded if isinstance(loaded, (list, tuple)) else [loaded]
     bad = [item for item in items if not isinstance(item, EncoderSpec)]
     if bad:
@@ -27,11 +31,35 @@ def _load_entry_point(entry_point) -> list[EncoderSpec]:
     return list(items)
 
 
-def _discover() -> dict[str, EncoderSpec]:
+def _load_entry_point(entry_point) -> list[EncoderSpec]:
+    return _as_specs(entry_point.load())
+
+
+def builtin_specs() -> list[EncoderSpec]:
+    """The specs of the built-in families, imported from this copy's `bt_plugin.patches`."""
+    from bt_plugin.patches import BUILTIN_FAMILIES
+
+    specs = []
+    for family in BUILTIN_FAMILIES:
+        module = importlib.import_module(f"{BUILTIN_PACKAGE}.{family}")
+        specs.extend(_as_specs(getattr(module, "SPECS", None) or module.SPEC))
+    return specs
+
+
+def third_party_entry_points() -> list:
+    """Entry points of the group, minus any that name a built-in module (an installed copy's
+    metadata from an earlier release did; the running copy's own list is what counts)."""
     import importlib_metadata
 
-    specs: dict[str, EncoderSpec] = {}
-    for entry_point in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP):
+    return [
+        entry_point for entry_point in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)
+        if not entry_point.value.startswith(f"{BUILTIN_PACKAGE}.")
+    ]
+
+
+def _discover() -> dict[str, EncoderSpec]:
+    specs: dict[str, EncoderSpec] = {spec.name: spec for spec in builtin_specs()}
+    for entry_point in third_party_entry_points():
         try:
             found = _load_entry_point(entry_point)
         except Exception as error:  # a third-party plugin must not break the others

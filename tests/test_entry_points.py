@@ -1,11 +1,17 @@
-"""Architecture specs come from the entry-point group `bt_plugin.patches`: the built-in bert spec,
-a third-party distribution adding one at run time, and broken third-party entry points."""
+"""Where architecture specs come from: the built-in families from the running copy's own
+`bt_plugin.patches` (whatever is installed, even a checkout shadowing another copy), third-party
+families from the entry-point group `bt_plugin.patches`, broken third-party entry points skipped."""
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import shutil
+import subprocess
 import sys
 import textwrap
+from pathlib import Path
 import warnings
 
 import importlib_metadata
@@ -111,37 +117,79 @@ def assert_same_outputs(model, stock):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_builtin_bert_spec_is_an_entry_point():
+def test_builtin_families_come_from_the_package_not_from_metadata():
+    from bt_plugin.patches import BUILTIN_FAMILIES
+
+    assert "bert" in BUILTIN_FAMILIES
     found = importlib_metadata.entry_points(group=registry.ENTRY_POINT_GROUP)
-    by_name = {entry_point.name: entry_point for entry_point in found}
-    assert "bert" in by_name
-    assert by_name["bert"].value == "bt_plugin.patches.bert:SPEC"
-    assert by_name["bert"].load() is bert_patch.SPEC
-    assert by_name["bert"].dist is not None
-    assert importlib_metadata.distribution("bt-plugin").name.replace("_", "-").lower() == by_name["bert"].dist.name.replace("_", "-").lower()
-
-
-def test_registry_discovers_bert_through_entry_points():
+    assert not [ep for ep in found if ep.value.startswith("bt_plugin.patches.")]  # none declared
     specs = registry.reload()
     assert specs["bert"] is bert_patch.SPEC
-    assert isinstance(specs["bert"], EncoderSpec)
     assert registry.all_specs() is specs  # read once, then cached
     assert registry.spec_for_model_type("roberta") is bert_patch.SPEC
     assert set(bert_patch.SPEC.model_types) <= set(registry.supported_model_types())
 
 
-def test_registry_uses_only_entry_points(monkeypatch):
-    """With the entry-point group empty there is no spec at all: the core names no architecture."""
+def test_builtins_do_not_depend_on_entry_points(monkeypatch):
+    """With the entry-point group empty every built-in family is still there."""
+    before = registry.supported_model_types()
     monkeypatch.setattr(importlib_metadata, "entry_points", lambda **kwargs: [])
     try:
-        assert registry.reload() == {}
-        model = BertModel(support.make_config("bert"))
-        with pytest.raises(ValueError, match="'bert' is not supported"):
-            bt_plugin.convert(model)
+        assert registry.reload().keys() == {spec.name for spec in registry.builtin_specs()}
+        assert registry.supported_model_types() == before
+        model = BertModel(support.make_config("bert")).eval()
+        assert bt_plugin.is_converted(bt_plugin.convert(model))
     finally:
         monkeypatch.undo()
         registry.reload()
-    assert "bert" in registry.all_specs()
+
+
+def test_stale_metadata_naming_builtin_modules_is_ignored(site_dir):
+    """An installed copy of another release declares built-ins as entry points (one that this
+    copy no longer has): the running copy's own list wins, without a warning."""
+    root, monkeypatch = site_dir
+    write_distribution(root, "old_bt_plugin", {}, {"bert": "bt_plugin.patches.bert:SPEC",
+                                                   "gone": "bt_plugin.patches.gone:SPECS"})
+    monkeypatch.syspath_prepend(str(root))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        specs = registry.reload()
+    assert specs["bert"] is bert_patch.SPEC
+
+
+SHADOW_SCRIPT = """
+import json, sys, warnings
+warnings.simplefilter("error")
+import bt_plugin, bt_plugin.patches
+from bt_plugin import registry
+print(json.dumps({"file": bt_plugin.__file__, "patches": bt_plugin.patches.__file__,
+                  "model_types": registry.supported_model_types()}))
+"""
+
+
+def test_a_checkout_shadowing_another_installed_copy_finds_every_builtin(tmp_path):
+    """`python -c` (or `-m`, a script, a notebook) started in a clone's root imports the clone's
+    `bt_plugin/`, where `bt_plugin.patches` is the top-level `patches/` folder, while a different
+    copy (older metadata, its own bt_plugin/patches) is installed."""
+    repo = Path(__file__).resolve().parent.parent
+    checkout = tmp_path / "clone"
+    for folder in ("bt_plugin", "patches"):
+        shutil.copytree(repo / folder, checkout / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    installed = tmp_path / "site"
+    (installed / "bt_plugin" / "patches").mkdir(parents=True)
+    (installed / "bt_plugin" / "__init__.py").write_text("raise ImportError('the installed copy was imported')\n")
+    (installed / "bt_plugin" / "patches" / "__init__.py").write_text("BUILTIN_FAMILIES = ()\n")
+    write_distribution(installed, "bt_plugin", {}, {"bert": "bt_plugin.patches.bert:SPEC",
+                                                    "gone": "bt_plugin.patches.gone:SPECS"})
+    env = dict(os.environ, PYTHONPATH=str(installed))
+    env.pop("BT_PLUGIN", None)
+    out = subprocess.run([sys.executable, "-c", SHADOW_SCRIPT], cwd=checkout, env=env,
+                         capture_output=True, text=True, check=True)
+    found = json.loads(out.stdout)
+    assert Path(found["file"]).parent == checkout / "bt_plugin"
+    assert Path(found["patches"]).parent == checkout / "patches"
+    assert found["model_types"] == registry.supported_model_types()
+    assert out.stderr == ""
 
 
 def test_third_party_distribution_adds_an_architecture(site_dir):
@@ -171,7 +219,7 @@ def test_third_party_distribution_adds_an_architecture(site_dir):
     assert registry.spec_for_model_type("my-bert") is spec
     assert "my-bert" in registry.supported_model_types()
     names = {ep.name for ep in importlib_metadata.entry_points(group=registry.ENTRY_POINT_GROUP)}
-    assert {"bert", "thirdparty"} <= names
+    assert "thirdparty" in names
 
     bt_plugin.convert(model)
     assert bt_plugin.is_converted(model)

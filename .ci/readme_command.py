@@ -1,0 +1,28 @@
+"""Print one of the README's shell commands, so CI runs exactly what the README tells a reader.
+
+`quickstart`: the first ```bash block of the "## Quick start" section; `tests`: its second.
+"""
+
+import re
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+WHICH = {"quickstart": 0, "tests": 1}
+
+
+def section(text: str, heading: str) -> str:
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else None]
+
+
+def main(which: str) -> None:
+    blocks = re.findall(r"```bash\n(.*?)```", section(README.read_text(), "Quick start"), flags=re.S)
+    command = blocks[WHICH[which]].strip()
+    assert "\n" not in command, f"the README's {which} command should be one line: {command!r}"
+    print(command)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
