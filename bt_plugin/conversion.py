@@ -14,6 +14,7 @@ from torch import nn
 from bt_plugin import kernels, registry
 from bt_plugin.compat import warn_unsupported_versions_once
 from bt_plugin.eligibility import kernel_reason, structure_reason
+from bt_plugin.heads import PaddedReads, padded_reads
 from bt_plugin.layer import FusedLayer, LayerStats, fused_class_for, fused_qkv, unfuse_qkv
 from bt_plugin.spec import EncoderSpec, resolve_path
 from bt_plugin.stack import attach, detach
@@ -110,13 +111,14 @@ def convert(model: nn.Module, *, kernel: str = "auto", strict: bool = True) -> n
             raise ValueError(f"bt_plugin cannot convert {type(model).__name__}: {reason}")
         logger.warning("bt_plugin left %s stock: %s", type(model).__name__, reason)
         return model
+    reads = padded_reads(model, result.spec)
     for planned in todo:
-        _swap(planned.layer, result.spec, kernel)
+        _swap(planned.layer, result.spec, kernel, reads)
     for list_path in dict.fromkeys(p.list_path for p in todo):
         owner_path, _, attribute = list_path.rpartition(".")
         owner = resolve_path(model, owner_path) if owner_path else model
         attach(owner, attribute, getattr(owner, attribute))
-    model.__dict__["_bt_plugin"] = {"spec": result.spec.name, "kernel": kernel}
+    model.__dict__["_bt_plugin"] = {"spec": result.spec.name, "kernel": kernel, "padded_positions": reads.describe()}
     total = len(result.layers)
     fused = converted + len(todo)
     logger.info("%s: %d/%d layers fused (%s)", type(model).__name__, fused, total, result.kernel)
@@ -126,9 +128,9 @@ def convert(model: nn.Module, *, kernel: str = "auto", strict: bool = True) -> n
     return model
 
 
-def _swap(layer: nn.Module, spec: EncoderSpec, kernel: str) -> None:
+def _swap(layer: nn.Module, spec: EncoderSpec, kernel: str, reads: PaddedReads) -> None:
     layer.__class__ = fused_class_for(type(layer), spec)
-    layer.__dict__.update(_bt_kernel=kernel, _bt_stats=LayerStats())
+    layer.__dict__.update(_bt_kernel=kernel, _bt_stats=LayerStats(), _bt_padded_reads=reads)
     fused_qkv(layer)  # q/k/v now live in one [3E, E] storage: no weight is held twice
 
 

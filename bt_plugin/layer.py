@@ -22,6 +22,7 @@ from torch import nn
 from bt_plugin.activations import activation_name
 from bt_plugin.compat import recorded_outputs
 from bt_plugin.eligibility import call_reason, layer_reason
+from bt_plugin.heads import PaddedReads, padded_reads
 from bt_plugin.kernels import LayerTensors, get_kernel
 from bt_plugin.masks import key_padding_mask, padding_reason
 from bt_plugin.spec import EncoderSpec, resolve_roles
@@ -257,7 +258,7 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict):
         _stats(layer).fell_back(reason)
         return layer._bt_stock_class.forward(layer, hidden, *args, **kwargs)
     _stats(layer).fused()
-    if layer._bt_spec.reads_padding and keep is not None:
+    if keep is not None and padded_reads_of(layer).computes_padded_rows(keep):
         carrier, state = kernel.pack(batch_first, keep, keep_padded_rows=True)
     else:
         carrier, state = kernel.pack(batch_first, keep)
@@ -293,9 +294,18 @@ def _eligible(layer, hidden, args, kwargs, mask, kernel):
     keep, reason = key_padding_mask(mask, hidden.size(0), hidden.size(1))
     if reason is None and keep is not None:
         reason = padding_reason(keep, right_padded_only=kernel.right_padded_only)
-        if reason is None and spec.reads_padding and not kernel.keeps_padded_rows:
-            reason = f"the model reads padded positions, which {kernel.name} drops (packed computes them)"
+        reads = padded_reads_of(layer)
+        if reason is None and not kernel.keeps_padded_rows and reads.computes_padded_rows(keep):
+            reason = f"padded positions are read ({reads.why}); {kernel.name} drops them (packed computes them)"
     return keep, reason
+
+
+def padded_reads_of(layer) -> PaddedReads:
+    """What the converted model reads at padded positions (decided once, at conversion)."""
+    reads = layer.__dict__.get("_bt_padded_reads")
+    if reads is None:  # not converted through convert(): only its spec can say
+        reads = padded_reads(layer, layer._bt_spec) if layer._bt_spec.reads_padding else PaddedReads(None)
+    return reads
 
 
 def _stays_packed(layer, hidden, kernel) -> bool:

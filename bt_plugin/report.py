@@ -44,6 +44,7 @@ class Explanation:
     family: str | None
     reason: str | None
     layers: list[LayerReport]
+    padded_positions: str | None = None
 
     @property
     def fused_layers(self) -> int:
@@ -59,6 +60,8 @@ class Explanation:
         lines = [head]
         if self.reason:
             lines.append(f"  not converted: {self.reason}")
+        if self.padded_positions:
+            lines.append(f"  padded positions of the encoder output: {self.padded_positions}")
         for layer in self.layers:
             detail = f"  {layer.path:<28} {layer.status:<22} kernel={layer.kernel or '-'}"
             detail += f" fused_calls={layer.fused_calls} fallback_calls={layer.fallback_calls}"
@@ -87,7 +90,8 @@ def explain(model: nn.Module, kernel: str | None = None) -> Explanation:
     result = plan(model, kernel)
     reports = [_report(p.path, p.layer, p.reason) for p in result.layers]
     family = result.spec.name if result.spec else None
-    return Explanation(type(model).__name__, family, result.reason, reports)
+    padded_positions = model.__dict__.get("_bt_plugin", {}).get("padded_positions")
+    return Explanation(type(model).__name__, family, result.reason, reports, padded_positions)
 
 
 def _report(path: str, layer: nn.Module, static_reason: str | None) -> LayerReport:

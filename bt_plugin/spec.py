@@ -44,6 +44,11 @@ class EncoderSpec:
         reads_padding: Whether the model reads the layer output at padded positions (SigLIP text
             pools the last position): then padded rows are computed exactly as stock does (no
             padding removed from the dense work, keys still masked), which `packed` can do.
+        head_reads: `(class-name suffix, "every" | "first")` pairs: task heads of this family that
+            read the encoder output at padded positions without the mask (CTC decodes every
+            frame; a classifier on the first token reads position 0, padding in a left-padded
+            row). A converted model whose class name ends with a suffix gets those padded rows
+            computed as stock (see `bt_plugin.heads`); first match wins.
         config_checks: Callables `config -> reason | None`; a reason leaves the model stock.
         layer_checks: Callables `layer -> reason | None` run on every call (for settings a
             model can switch at run time); a reason runs the stock forward for that call.
@@ -78,6 +83,7 @@ class EncoderSpec:
     sequence_first: bool = False
     mask_marks_padding: bool = False
     reads_padding: bool = False
+    head_reads: tuple[tuple[str, str], ...] = ()
     config_checks: tuple[ConfigCheck, ...] = field(default=())
     layer_checks: tuple[Callable[[Any], "str | None"], ...] = field(default=())
 

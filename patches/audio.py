@@ -65,6 +65,12 @@ _WAV2VEC2_PATHS = dict(
     mask_argument=("attention_mask", 1),
 )
 
+# CTC and frame classification read every frame of a padded batch (`batch_decode(logits.argmax(-1))`).
+# The x-vector head pools the TDNN outputs of each row's first `length` frames, but transformers
+# computes those lengths without the TDNN dilation, so the pooled frames reach into padding.
+# Sequence classification mean-pools the real frames: zeros at padded ones are never read.
+AUDIO_HEAD_READS = (("ForCTC", "every"), ("ForAudioFrameClassification", "every"), ("ForXVector", "every"))
+
 WAV2VEC2 = EncoderSpec(
     name="wav2vec2",
     model_types=("wav2vec2", "hubert", "data2vec-audio", "sew", "unispeech", "unispeech-sat"),
@@ -77,6 +83,7 @@ WAV2VEC2 = EncoderSpec(
         f"{_MODELS}.unispeech_sat.modeling_unispeech_sat.UniSpeechSatEncoderLayer",
     ),
     norm_first=False,
+    head_reads=AUDIO_HEAD_READS,
     config_checks=(_no_stable_layer_norm,),
     **_WAV2VEC2_PATHS,
 )

@@ -25,6 +25,18 @@ BERT_LAYER_PATHS = dict(
 # Causal self-attention and cross-attention are not fused: such configurations stay stock.
 ENCODER_ONLY = config_flags_false("is_decoder", "add_cross_attention")
 
+# What text task heads read at padded positions without the mask. Question answering takes the
+# argmax of start/end logits over every position (training pushes padded ones down, so zeros
+# there could win); sequence classification and multiple choice read the first token, which is
+# padding in a left-padded row (poolers are found by name, see bt_plugin.heads). Token
+# classification and masked-LM logits at padded positions are discarded by their pipelines,
+# losses (label -100) and metrics: those get zeros.
+TEXT_HEAD_READS = (
+    ("ForQuestionAnswering", "every"),
+    ("ForSequenceClassification", "first"),
+    ("ForMultipleChoice", "first"),
+)
+
 SPEC = EncoderSpec(
     name="bert",
     model_types=(
@@ -41,5 +53,6 @@ SPEC = EncoderSpec(
         f"{_MODELS}.roc_bert.modeling_roc_bert.RoCBertLayer",
     ),
     **BERT_LAYER_PATHS,
+    head_reads=TEXT_HEAD_READS,
     config_checks=(ENCODER_ONLY,),
 )

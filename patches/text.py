@@ -29,7 +29,7 @@ Examined and left stock:
   drives its text layers itself, interleaved with cross-modal layers).
 """
 
-from bt_plugin.patches.bert import BERT_LAYER_PATHS, ENCODER_ONLY
+from bt_plugin.patches.bert import BERT_LAYER_PATHS, ENCODER_ONLY, TEXT_HEAD_READS
 from bt_plugin.spec import EncoderSpec
 
 _MODELS = "transformers.models"
@@ -58,6 +58,9 @@ BERT_LAYOUT = EncoderSpec(
         f"{_MODELS}.clap.modeling_clap.ClapTextLayer",
     ),
     **BERT_LAYER_PATHS,
+    # DPR's encoders embed the first token; its reader scores spans over every position.
+    head_reads=(("DPRReader", "every"), ("DPRContextEncoder", "first"), ("DPRQuestionEncoder", "first"),
+                *TEXT_HEAD_READS),
     config_checks=(ENCODER_ONLY,),
 )
 
@@ -76,6 +79,7 @@ DISTILBERT = EncoderSpec(
     linear2="ffn.lin2",
     norm2="output_layer_norm",
     num_heads="attention.n_heads",
+    head_reads=TEXT_HEAD_READS,
 )
 
 # ALBERT: one AlbertLayer per layer group (by default one group, one layer), called
@@ -95,6 +99,7 @@ ALBERT = EncoderSpec(
     linear2="ffn_output",
     norm2="full_layer_layer_norm",
     num_heads="attention.num_attention_heads",
+    head_reads=TEXT_HEAD_READS,
 )
 
 # XLM-RoBERTa-XL: pre-layer-norm (the encoder applies a final LayerNorm after the stack).
@@ -105,6 +110,7 @@ XLM_ROBERTA_XL = EncoderSpec(
     **{**BERT_LAYER_PATHS, "norm1": "attention.self_attn_layer_norm", "norm2": "LayerNorm"},
     norm_first=True,
     config_checks=(ENCODER_ONLY,),
+    head_reads=TEXT_HEAD_READS,
 )
 
 # RoBERTa-PreLayerNorm: pre-layer-norm, the norms live in the attention and intermediate blocks.
@@ -115,6 +121,7 @@ ROBERTA_PRELAYERNORM = EncoderSpec(
     **{**BERT_LAYER_PATHS, "norm1": "attention.LayerNorm", "norm2": "intermediate.LayerNorm"},
     norm_first=True,
     config_checks=(ENCODER_ONLY,),
+    head_reads=TEXT_HEAD_READS,
 )
 
 # BERT's layer layout again, post-layer-norm, in the older call convention: the encoder passes
@@ -141,6 +148,7 @@ BERT_LEGACY = EncoderSpec(
     **BERT_LAYER_PATHS,
     returns_tuple=True,
     config_checks=(ENCODER_ONLY,),
+    head_reads=TEXT_HEAD_READS,
 )
 
 # Megatron-BERT: the BERT layer made pre-layer-norm (`attention.ln` before self-attention, `ln`
@@ -156,6 +164,7 @@ MEGATRON_BERT = EncoderSpec(
     norm_first=True,
     returns_tuple=True,
     config_checks=(ENCODER_ONLY,),
+    head_reads=TEXT_HEAD_READS,
 )
 
 SPECS: list[EncoderSpec] = [

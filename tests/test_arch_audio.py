@@ -331,12 +331,17 @@ def test_wav2vec2_family_task_head(model_type, kernel, pairs):
     stock, fused = pairs(model_type, kernel, head=True)
     assert type(fused) is model_class(model_type, head=True)
     values, mask = _waveforms([1400, 500, 1000], seed=4)
+    ctc = type(fused).__name__.endswith("ForCTC")
+    if ctc and kernel == "fastpath":  # CTC reads padded frames, which fastpath drops: stock runs
+        with torch.inference_mode():
+            assert torch.equal(stock(input_values=values, attention_mask=mask).logits,
+                               fused(input_values=values, attention_mask=mask).logits)
+        assert all("reads every position" in layer.reason for layer in bt_plugin.explain(fused).layers)
+        return
     expected, actual = _run_both(stock, fused, lambda m: m(input_values=values, attention_mask=mask))
-    if expected.logits.dim() == 3:  # CTC: per frame
-        frames = _frames(stock, mask, expected.logits.shape[1])
-        assert _diff(expected.logits, actual.logits, frames) <= ATOL
-    else:  # sequence classification: mean over real frames
-        assert _diff(expected.logits, actual.logits) <= ATOL
+    # CTC logits per frame, padded frames included (decoding reads them); sequence classification
+    # mean-pools the real frames
+    assert _diff(expected.logits, actual.logits) <= ATOL
 
 
 def test_wav2vec2_layer_norm_feature_extractor_with_eager_mask(kernel, pairs):
