@@ -83,6 +83,13 @@ class Shape:
     workloads: tuple[str, ...] = WORKLOADS  # run by default
     memory: bool = True  # measure the peak memory of the text workload
     public: bool = True
+    config_class: str = "BertConfig"
+    model_class: str = "BertModel"
+    adapter: bool = False  # every candidate gets the same unmerged LoRA adapter (see with_adapter)
+    candidates: tuple[str, ...] | None = None  # None: every selected candidate
+
+    def runs(self, candidate: str) -> bool:
+        return self.candidates is None or candidate in self.candidates
 
 
 SHAPES: dict[str, Shape] = {
@@ -90,11 +97,20 @@ SHAPES: dict[str, Shape] = {
     "minilm": Shape("minilm", None, ("text", "no-padding", "batch1"), memory=False),
     "bert-small": Shape("bert-small", dict(hidden_size=256, num_attention_heads=4,
                                            intermediate_size=1024, num_hidden_layers=2)),
+    # Layers served by their own code on packed tokens (layercode): fastpath and packed would both
+    # take that path, so only `packed` runs against stock.
+    "modernbert-base": Shape("modernbert-base", {}, ("text", "no-padding", "batch1"), memory=False,
+                             config_class="ModernBertConfig", model_class="ModernBertModel",
+                             candidates=("stock", "packed")),
+    "gte-base": Shape("gte-base", {}, ("text", "no-padding", "batch1"), memory=False,
+                      config_class="GteConfig", model_class="GteModel", candidates=("stock", "packed")),
+    "minilm-lora": Shape("minilm-lora", None, ("text", "no-padding", "batch1"), memory=False, adapter=True,
+                         candidates=("stock", "packed")),
     # Undocumented, for the smoke test: the real vocabulary (the text workload's token ids), tiny layers.
     "tiny": Shape("tiny", dict(hidden_size=32, num_attention_heads=2, intermediate_size=64,
                                num_hidden_layers=2), public=False),
 }
-DEFAULT_SHAPES = ("bert-base", "minilm")
+DEFAULT_SHAPES = ("bert-base", "minilm", "modernbert-base", "gte-base", "minilm-lora")
 # --quick: every workload and every candidate, on light shapes (minutes, not an hour).
 QUICK_PLAN: dict[str, tuple[str, ...]] = {"minilm": ("text", "no-padding", "batch1"), "bert-small": ("sweep",)}
 QUICK_REPEATS, DEFAULT_REPEATS = 3, 5
@@ -346,13 +362,26 @@ def model_source(shape: str, workdir: Path, seed: int) -> str:
     spec = SHAPES[shape]
     if spec.config is None:
         return str(minilm_dir())
-    from transformers import BertConfig, BertModel
+    import transformers
 
     target = workdir / shape
     if not target.exists():
         torch.manual_seed(seed)
-        BertModel(BertConfig(**spec.config)).save_pretrained(str(target))
+        config = getattr(transformers, spec.config_class)(**spec.config)
+        getattr(transformers, spec.model_class)(config).save_pretrained(str(target))
     return str(target)
+
+
+def with_adapter(model: nn.Module, seed: int = 0) -> nn.Module:
+    """The same unmerged LoRA adapter (rank 8, random non-zero weights from `seed`) on every
+    attention and feed-forward linear: one base model serving an adapter, as adapters are served."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise Unavailable("the LoRA shape needs peft: pip install peft") from None
+    torch.manual_seed(seed)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"], init_lora_weights=False)
+    return get_peft_model(model, config).eval()
 
 
 def minilm_dir() -> Path:
@@ -375,7 +404,7 @@ def unavailable_reason(candidate: str) -> str | None:
     return None
 
 
-def load_candidate(source: str, candidate: str) -> nn.Module:
+def load_candidate(source: str, candidate: str, adapter: bool = False) -> nn.Module:
     """Load `source` the way `candidate` runs it; raises Unavailable for an unknown kernel."""
     import bt_plugin
     from transformers import AutoModel
@@ -389,7 +418,7 @@ def load_candidate(source: str, candidate: str) -> nn.Module:
         bt_plugin.revert(model)
     if kernel is not None:
         bt_plugin.convert(model, kernel=kernel)
-    return model
+    return with_adapter(model) if adapter else model
 
 
 def forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -402,7 +431,8 @@ def layer_counts(model: nn.Module) -> tuple[int, int, Counter]:
     """(fused calls, fallback calls, fallback reasons) summed over the model's encoder layers."""
     import bt_plugin
 
-    layers = bt_plugin.explain(model).layers
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
+    layers = bt_plugin.explain(base).layers
     reasons: Counter = Counter()
     for layer in layers:
         reasons.update(layer.fallback_reasons)
@@ -496,20 +526,26 @@ def others_cpu_share(before, after) -> float | None:
     return min(1.0, max(0.0, others / ((after[2] - before[2]) * (os.cpu_count() or 1))))
 
 
-def load_candidates(source: str, names: Iterable[str]) -> tuple[dict[str, nn.Module], dict[str, str]]:
+def load_candidates(source: str, names: Iterable[str], adapter: bool = False) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """The models of the available candidates, and why the others are unavailable."""
     models, unavailable = {}, {}
     for name in names:
         try:
-            models[name] = load_candidate(source, name)
+            models[name] = load_candidate(source, name, adapter)
         except Unavailable as error:
             unavailable[name] = str(error)
     return models, unavailable
 
 
+def shape_candidates(shape: str, settings: Settings) -> list[str]:
+    """The selected candidates this shape runs (stock always first: the ratios need it)."""
+    return [name for name in settings.candidates if SHAPES[shape].runs(name)]
+
+
 def run_shape(shape: str, cases: list[Case], settings: Settings, source: str, bar) -> list[CaseResult]:
     """Load every candidate of one shape (same checkpoint, same weights) and time its cases."""
-    models, unavailable = load_candidates(source, settings.candidates)
+    names = shape_candidates(shape, settings)
+    models, unavailable = load_candidates(source, names, SHAPES[shape].adapter)
     bar.total -= len(unavailable) * settings.repeats * len(cases)
     bar.refresh()
     results = []
@@ -517,7 +553,7 @@ def run_shape(shape: str, cases: list[Case], settings: Settings, source: str, ba
         bar.set_description(f"{shape} {case.workload} {case.real_fraction:.0%}")
         result = time_case(case, models, settings.repeats, bar)
         timed = {row.candidate: row for row in result.rows}
-        result.rows = [timed.get(n) or CandidateResult(n, unavailable=unavailable[n]) for n in settings.candidates]
+        result.rows = [timed.get(n) or CandidateResult(n, unavailable=unavailable[n]) for n in names]
         results.append(result)
     del models
     gc.collect()
@@ -689,8 +725,12 @@ def _run(settings: Settings, tokenizer, workdir: Path, progress: bool) -> BenchR
     results = BenchResults(settings, machine_info())
     by_shape: dict[str, list[Case]] = {}
     for shape, workload in settings.plan():
-        by_shape.setdefault(shape, []).extend(build_cases(shape, workload, tokenizer, settings, len(tokenizer)))
-    total = sum(len(cases) for cases in by_shape.values()) * len(settings.candidates) * settings.repeats
+        cases = build_cases(shape, workload, tokenizer, settings, len(tokenizer))
+        if SHAPES[shape].config_class != "BertConfig":  # token types are BERT's
+            for case in cases:
+                case.batches = [{k: v for k, v in b.items() if k != "token_type_ids"} for b in case.batches]
+        by_shape.setdefault(shape, []).extend(cases)
+    total = sum(len(cases) * len(shape_candidates(shape, settings)) for shape, cases in by_shape.items()) * settings.repeats
     with tqdm(total=total, unit="run", disable=not progress, dynamic_ncols=True) as bar:
         for shape, cases in by_shape.items():
             results.cases += run_shape(shape, cases, settings, model_source(shape, workdir, settings.seed), bar)

@@ -13,7 +13,7 @@ from torch import nn
 
 from bt_plugin import kernels, registry
 from bt_plugin.compat import warn_unsupported_versions_once
-from bt_plugin.eligibility import kernel_reason, structure_reason
+from bt_plugin.eligibility import kernel_reason, layer_code_serves, structure_reason
 from bt_plugin.heads import PaddedReads, padded_reads
 from bt_plugin.layer import FusedLayer, LayerStats, fused_class_for, fused_qkv, unfuse_qkv
 from bt_plugin.spec import EncoderSpec, resolve_path
@@ -66,6 +66,8 @@ def plan(model: nn.Module, kernel: str = "auto") -> Plan:
     for path, stack in _layer_lists(model, classes):
         for index, layer in enumerate(stack):
             reason = structure_reason(layer, spec) or kernel_reason(layer, spec, kernels.get_kernel(concrete))
+            if reason and layer_code_serves(layer, spec):
+                reason = None  # the layer's own code runs on the packed tokens instead (layercode)
             result.layers.append(PlannedLayer(f"{path}.{index}", layer, path, reason))
     if not result.layers:
         names = ", ".join(c.__name__ for c in classes) or ", ".join(spec.layer_classes)
@@ -131,7 +133,8 @@ def convert(model: nn.Module, *, kernel: str = "auto", strict: bool = True) -> n
 def _swap(layer: nn.Module, spec: EncoderSpec, kernel: str, reads: PaddedReads) -> None:
     layer.__class__ = fused_class_for(type(layer), spec)
     layer.__dict__.update(_bt_kernel=kernel, _bt_stats=LayerStats(), _bt_padded_reads=reads)
-    fused_qkv(layer)  # q/k/v now live in one [3E, E] storage: no weight is held twice
+    if structure_reason(layer, spec) is None:
+        fused_qkv(layer)  # q/k/v now live in one [3E, E] storage: no weight is held twice
 
 
 def revert(model: nn.Module) -> nn.Module:

@@ -35,6 +35,8 @@ def _roles_or_reason(layer: nn.Module, spec: EncoderSpec) -> tuple[dict | None, 
 
 def structure_reason(layer: nn.Module, spec: EncoderSpec, roles: dict | None = None) -> str | None:
     """Whether the layer still has the structure the spec describes (exact module types, shapes)."""
+    if not spec.has_fused_layout:
+        return f"the {spec.name} spec has no fused layout (the layer runs its own code)"
     if roles is None:
         roles, reason = _roles_or_reason(layer, spec)
         if reason:
@@ -55,8 +57,33 @@ def structure_reason(layer: nn.Module, spec: EncoderSpec, roles: dict | None = N
     return None
 
 
+def layer_code_serves(layer: nn.Module, spec: EncoderSpec) -> str | None:
+    """Why the layer-code path serves a layer that no fused kernel computes, or None when it
+    must not: its spec promises transformers' attention interface, and either declares no fused
+    layout or a role is present but not the exact stock module (an adapter, a quantized linear,
+    a replaced module).
+
+    Kernel limits (fastpath's activations, head parity, dtypes) and layers that no longer match
+    their spec (renamed upstream) keep their reasons: an explicit kernel choice is honoured.
+    """
+    if not spec.attention_interface:
+        return None
+    if not spec.has_fused_layout:
+        return f"the {spec.name} spec has no fused layout (the layer runs its own code)"
+    roles, reason = _roles_or_reason(layer, spec)
+    if reason:
+        return None
+    for role, kind in [(role, nn.Linear) for role in _LINEARS] + [(role, nn.LayerNorm) for role in _NORMS]:
+        if type(roles[role]) is not kind:
+            return f"{getattr(spec, role)} was {_type_name(roles[role])}, not torch.nn.{kind.__name__}" + (
+                " (an adapter?)" if kind is nn.Linear else "")
+    return None
+
+
 def kernel_reason(layer: nn.Module, spec: EncoderSpec, kernel, roles: dict | None = None) -> str | None:
     """Why `kernel` can never serve this layer's structure (activation, heads, eps, biases)."""
+    if getattr(kernel, "runs_layer_code", False):
+        return None
     roles = roles if roles is not None else resolve_roles(layer, spec)
     return kernel.static_reason(
         activation=activation_name(roles["activation"]),
@@ -78,7 +105,8 @@ def _default_scale(roles: dict) -> bool:
     return abs(float(roles["attention_scale"]) - head_dim ** -0.5) < 1e-9
 
 
-def call_reason(hidden, args: tuple, kwargs: dict, mask_index: int, mask_name: str = "attention_mask") -> str | None:
+def call_reason(hidden, args: tuple, kwargs: dict, mask_index: int, mask_name: str = "attention_mask",
+                allowed: tuple[str, ...] = ()) -> str | None:
     """Reasons that hold for every layer of this call: recording, grad inputs, autocast, tracing."""
     if type(hidden) is not torch.Tensor:
         return f"hidden states were a {type(hidden).__name__}, not a plain torch.Tensor"
@@ -92,7 +120,8 @@ def call_reason(hidden, args: tuple, kwargs: dict, mask_index: int, mask_name: s
     if torch.is_autocast_enabled(hidden.device.type):
         return f"autocast was enabled on {hidden.device.type}"
     for name, value in kwargs.items():
-        if name not in HARMLESS_KWARGS and name != mask_name and value is not None and value is not False:
+        if name not in HARMLESS_KWARGS and name != mask_name and name not in allowed and value is not None \
+                and value is not False:
             return f"{name} was passed (only plain encoder self-attention is fused)"
     for position, value in enumerate(args, start=1):
         if position != mask_index and value is not None and value is not False:
@@ -102,6 +131,11 @@ def call_reason(hidden, args: tuple, kwargs: dict, mask_index: int, mask_name: s
 
 def layer_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor, kernel) -> str | None:
     """Reasons that belong to one layer: mode, grad, hooks, replaced modules, dtype/device."""
+    return mode_reason(layer, spec, hidden) or fused_reason(layer, spec, hidden, kernel)
+
+
+def mode_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor) -> str | None:
+    """Reasons no padding-free path may run this call: training, the spec's checks, grad, hooks."""
     if layer.training:
         return "the layer was in training mode (model.train())"
     for check in spec.layer_checks:
@@ -110,9 +144,13 @@ def layer_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor, kern
             return reason
     if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in layer.parameters())):
         return "grad was enabled and parameters require grad (use torch.inference_mode() or torch.no_grad())"
-    reason = hook_reason(layer)
-    if reason:
-        return reason
+    return hook_reason(layer)
+
+
+def fused_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor, kernel) -> str | None:
+    """Reasons a fused kernel cannot compute this layer: its structure, dtype/device, kernel limits."""
+    if not spec.has_fused_layout:
+        return f"the {spec.name} spec has no fused layout (the layer runs its own code)"
     roles, reason = _roles_or_reason(layer, spec)
     reason = reason or structure_reason(layer, spec, roles) or kernel.input_reason(hidden)
     if reason:

@@ -228,7 +228,10 @@ def _sdpa(qkv: torch.Tensor, batch: int, count: int, t: LayerTensors, key_mask=N
     return out.transpose(1, 2).reshape(batch * count, t.embed_dim)
 
 
-KERNELS = {"fastpath": FastpathKernel(), "packed": PackedKernel()}
+from bt_plugin.layercode import LAYER_CODE  # noqa: E402  (imports nothing from here)
+
+# `layercode` also serves, on any choice, the layers a fused kernel cannot compute (see layer.py).
+KERNELS = {"fastpath": FastpathKernel(), "packed": PackedKernel(), "layercode": LAYER_CODE}
 # What "auto" picks per device type. CPU: packed (measured by `python -m bt_plugin bench`; the
 # fused C++ kernel loses much of its gain to nested-tensor conversions there). CUDA: fastpath,
 # the published BetterTransformer path, until a GPU measurement says otherwise.

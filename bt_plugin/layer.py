@@ -21,14 +21,16 @@ from torch import nn
 
 from bt_plugin.activations import activation_name
 from bt_plugin.compat import recorded_outputs
-from bt_plugin.eligibility import call_reason, layer_reason
+from bt_plugin.eligibility import call_reason, fused_reason, layer_code_serves, mode_reason
 from bt_plugin.heads import PaddedReads, padded_reads
-from bt_plugin.kernels import LayerTensors, get_kernel
+from bt_plugin.kernels import KERNELS, LayerTensors, get_kernel
+from bt_plugin.layercode import LAYER_CODE, run_layer
 from bt_plugin.masks import key_padding_mask, padding_reason
 from bt_plugin.spec import EncoderSpec, resolve_roles
 from bt_plugin.stack import live_layers, running_frame
 
 _refuse_lock = threading.Lock()
+FASTPATH = KERNELS["fastpath"]  # the one kernel that cannot compute padded rows
 
 
 @dataclass
@@ -39,10 +41,13 @@ class LayerStats:
     fallback_calls: int = 0
     last_reason: str | None = None
     reasons: Counter = field(default_factory=Counter)
+    last_kernel: str | None = None  # the kernel of the latest padding-free call
+    last_note: str | None = None  # why that call ran the layer's own code, not a fused kernel
 
-    def fused(self) -> None:
+    def fused(self, kernel: str | None = None, note: str | None = None) -> None:
         self.fused_calls += 1
         self.last_reason = None
+        self.last_kernel, self.last_note = kernel, note
 
     def fell_back(self, reason: str) -> None:
         self.fallback_calls += 1
@@ -144,8 +149,11 @@ def _current_qkv(layer, roles: dict | None = None) -> tuple[torch.Tensor, torch.
     cached = layer.__dict__.get("_bt_qkv")
     if cached is None:
         return None
-    parts = _qkv_parts(layer, roles)
-    if all(type(p) is nn.Linear for p in parts):
+    try:
+        parts = _qkv_parts(layer, roles)
+    except AttributeError:  # the layer no longer matches its spec
+        parts = []
+    if parts and all(type(p) is nn.Linear for p in parts):
         rows = [p.out_features for p in parts]
         if _is_view_of(cached[0], [p.weight for p in parts], rows) and _is_view_of(
             cached[1], [p.bias for p in parts], rows
@@ -190,11 +198,17 @@ def _concat_into_views(params: list, like: torch.Tensor, rows: list[int] | None 
 
 
 def unfuse_qkv(layer) -> None:
-    """Give q/k/v their own storage again (used by revert)."""
+    """Give q/k/v their own storage again (used by revert and pickling)."""
+    if not layer._bt_spec.has_fused_layout:
+        return
+    try:
+        parts = _qkv_parts(layer)
+    except AttributeError:  # the layer no longer matches its spec: nothing was fused
+        parts = []
     with torch.inference_mode(False), torch.no_grad():
-        for linear in _qkv_parts(layer):
-            for param in (linear.weight, linear.bias):
-                if param is not None:
+        for linear in parts:
+            for param in (getattr(linear, "weight", None), getattr(linear, "bias", None)):
+                if isinstance(param, torch.Tensor):
                     param.data = param.data.clone()
     layer.__dict__.pop("_bt_qkv", None)
 
@@ -243,36 +257,85 @@ def _kernel_for(layer, hidden):
     return get_kernel(layer.__dict__.get("_bt_kernel", "auto"), device)
 
 
+def path_for(layer, hidden) -> tuple[object | None, str | None, str | None]:
+    """`(kernel, note, reason)` for this call: the chosen fused kernel when it can compute the
+    layer; else the layer's own code on packed tokens (`note` says why) when its spec allows;
+    else `(None, None, reason)`: the stock forward runs."""
+    spec = layer._bt_spec
+    reason = mode_reason(layer, spec, hidden)
+    if reason:
+        return None, None, reason
+    kernel = _kernel_for(layer, hidden)
+    fused = fused_reason(layer, spec, hidden, kernel)
+    if fused is None:
+        return kernel, None, None
+    refused = layer.__dict__.get("_bt_layercode_reason")
+    served = None if refused else layer_code_serves(layer, spec)
+    if not served:
+        return None, None, refused or fused
+    return LAYER_CODE, served, None
+
+
 def _dispatch(layer, hidden, args: tuple, kwargs: dict):
-    """Run the kernel when the call can be served, else the stock forward, recording why."""
+    """Run a padding-free path when the call can be served, else the stock forward, recording why."""
     frame = running_frame(layer)
     if frame is not None and frame.carrier is not None and hidden is frame.carrier:
-        return _continue_packed(layer, frame)
-    kernel = _kernel_for(layer, hidden)
+        return _continue_packed(layer, frame, args, kwargs)
+    mask = _mask_argument(layer, args, kwargs)
+    served = layer_code_serves(layer, layer._bt_spec) if mask is None and not layer.training else None
+    if served:
+        # no padding and no fused kernel for this layer: its stock code is the padding-free path
+        # (skipping the per-call checks keeps unpadded batches as fast as stock)
+        _stats(layer).fused(LAYER_CODE.name, served)
+        return layer._bt_stock_class.forward(layer, hidden, *args, **kwargs)
     batch_first = hidden
     if layer._bt_spec.sequence_first and isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
         batch_first = hidden.transpose(0, 1).contiguous()  # legacy (T, B, C) layers (FSMT)
-    keep, reason = _eligible(layer, batch_first, args, kwargs, _mask_argument(layer, args, kwargs), kernel)
+    kernel, note, keep, reason = _eligible(layer, batch_first, args, kwargs, mask)
     if reason:
-        _current_qkv(layer)  # after .half() etc. a fallback must not keep the old weights alive
-        _stats(layer).fell_back(reason)
+        return _stock(layer, reason, hidden, args, kwargs)
+    if kernel is LAYER_CODE and (keep is None or padded_reads_of(layer).computes_padded_rows(keep)):
+        # nothing to remove, or the model reads padded rows: the layer's own code on the batch
+        _stats(layer).fused(kernel.name, note)
         return layer._bt_stock_class.forward(layer, hidden, *args, **kwargs)
-    _stats(layer).fused()
-    if keep is not None and padded_reads_of(layer).computes_padded_rows(keep):
+    if keep is not None and kernel is not LAYER_CODE and padded_reads_of(layer).computes_padded_rows(keep):
         carrier, state = kernel.pack(batch_first, keep, keep_padded_rows=True)
     else:
         carrier, state = kernel.pack(batch_first, keep)
-    out = kernel.layer(carrier, layer_tensors(layer), state)
+    out, reason = _run(kernel, layer, carrier, state, args, kwargs)
+    if reason:
+        return _stock(layer, reason, hidden, args, kwargs)
+    _stats(layer).fused(kernel.name, note)
     if frame is not None and _stays_packed(layer, batch_first, kernel):
         frame.carrier, frame.state, frame.kernel = out, state, kernel
         return _returned(layer, out, packed=True)  # the next layer of this stack continues on it
     return _returned(layer, kernel.unpack(out, state))
 
 
-def _continue_packed(layer, frame):
+def _stock(layer, reason: str, hidden, args: tuple, kwargs: dict):
+    _current_qkv(layer)  # after .half() etc. a fallback must not keep the old weights alive
+    _stats(layer).fell_back(reason)
+    return layer._bt_stock_class.forward(layer, hidden, *args, **kwargs)
+
+
+def _run(kernel, layer, carrier, state, args: tuple, kwargs: dict):
+    """`(out, reason)`: one layer on the packed carrier (a layer-code call may refuse, once)."""
+    if kernel is not LAYER_CODE:
+        return kernel.layer(carrier, layer_tensors(layer), state), None
+    out, reason = run_layer(layer, carrier, state, args, kwargs)
+    if reason:  # structural: this layer will not take the path again
+        layer.__dict__["_bt_layercode_reason"] = reason
+    return out, reason
+
+
+def _continue_packed(layer, frame, args: tuple, kwargs: dict):
     """A later layer of a stack whose first layer packed the call (after checking every layer)."""
-    out = frame.kernel.layer(frame.carrier, layer_tensors(layer), frame.state)
-    _stats(layer).fused()
+    out, reason = _run(frame.kernel, layer, frame.carrier, frame.state, args, kwargs)
+    if reason:  # leave the stack unpacked from here on; real tokens stay exact (keys masked)
+        padded = frame.kernel.unpack(frame.carrier, frame.state)
+        frame.carrier = None
+        return _stock(layer, reason, padded, args, kwargs)
+    _stats(layer).fused(frame.kernel.name, path_for(layer, out)[1] if frame.kernel is LAYER_CODE else None)
     layers = live_layers(layer)
     if layers is None or layers[-1] is layer:
         frame.carrier = None
@@ -281,23 +344,28 @@ def _continue_packed(layer, frame):
     return _returned(layer, out, packed=True)
 
 
-def _eligible(layer, hidden, args, kwargs, mask, kernel):
-    """`(keep, reason)`: the key-padding mask to pack with, or why the stock forward must run."""
+def _eligible(layer, hidden, args, kwargs, mask):
+    """`(kernel, note, keep, reason)`: the path, the key-padding mask to pack with, or why the
+    stock forward must run."""
     spec = layer._bt_spec
-    reason = call_reason(hidden, args, kwargs, spec.mask_argument[1], spec.mask_argument[0]) or layer_reason(
-        layer, spec, hidden, kernel
-    )
+    reason = call_reason(hidden, args, kwargs, spec.mask_argument[1], spec.mask_argument[0], spec.layer_kwargs)
     if reason:
-        return None, reason
+        return None, None, None, reason
+    kernel, note, reason = path_for(layer, hidden)
+    if reason:
+        return None, None, None, reason
     if spec.mask_marks_padding and isinstance(mask, torch.Tensor) and mask.dim() == 2:
         mask = mask == 0  # legacy masks mark padding with 1/True
-    keep, reason = key_padding_mask(mask, hidden.size(0), hidden.size(1))
+    if kernel is LAYER_CODE:
+        keep, reason = LAYER_CODE.keep_mask(mask, hidden.size(0), hidden.size(1))
+    else:
+        keep, reason = key_padding_mask(mask, hidden.size(0), hidden.size(1))
     if reason is None and keep is not None:
         reason = padding_reason(keep, right_padded_only=kernel.right_padded_only)
         reads = padded_reads_of(layer)
-        if reason is None and not kernel.keeps_padded_rows and reads.computes_padded_rows(keep):
+        if reason is None and kernel is FASTPATH and reads.computes_padded_rows(keep):
             reason = f"padded positions are read ({reads.why}); {kernel.name} drops them (packed computes them)"
-    return keep, reason
+    return kernel, note, keep, reason
 
 
 def padded_reads_of(layer) -> PaddedReads:
@@ -309,7 +377,8 @@ def padded_reads_of(layer) -> PaddedReads:
 
 
 def _stays_packed(layer, hidden, kernel) -> bool:
-    """Keep the stack packed when this is its first layer and every later layer can serve the call.
+    """Keep the stack packed when this is its first layer and every later layer takes the same
+    path for this call.
 
     When hidden states are being recorded each layer must return `(B, L, E)`, so layers pack and
     unpack one by one instead.
@@ -320,8 +389,6 @@ def _stays_packed(layer, hidden, kernel) -> bool:
     if "hidden_states" in recorded_outputs() or running_frame(layer).collects_outputs:
         return False
     for other in list(layers)[1:]:
-        if not isinstance(other, FusedLayer) or _kernel_for(other, hidden) is not kernel:
-            return False
-        if layer_reason(other, other._bt_spec, hidden, kernel):
+        if not isinstance(other, FusedLayer) or path_for(other, hidden)[0] is not kernel:
             return False
     return True

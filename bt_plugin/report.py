@@ -16,7 +16,8 @@ class LayerReport:
     """One encoder layer: `converted` (fused class installed), its kernel, and the latest reason.
 
     `reason` is the static reason for a layer left stock, or the reason its latest call fell back
-    to the stock forward (None when that call ran fused).
+    to the stock forward (None when that call ran fused). `kernel` is the kernel of its latest
+    padding-free call (`layercode` when it ran its own code on packed tokens, `note` says why).
     """
 
     path: str
@@ -26,6 +27,7 @@ class LayerReport:
     fused_calls: int = 0
     fallback_calls: int = 0
     fallback_reasons: dict[str, int] = field(default_factory=dict)
+    note: str | None = None
 
     @property
     def status(self) -> str:
@@ -67,6 +69,8 @@ class Explanation:
             detail += f" fused_calls={layer.fused_calls} fallback_calls={layer.fallback_calls}"
             if layer.reason:
                 detail += f"\n      reason: {layer.reason}"
+            elif layer.note:
+                detail += f"\n      layer code on packed tokens, not a fused kernel: {layer.note}"
             lines.append(detail)
         return "\n".join(lines)
 
@@ -99,8 +103,8 @@ def _report(path: str, layer: nn.Module, static_reason: str | None) -> LayerRepo
         return LayerReport(path, False, None, static_reason or "not converted (call bt_plugin.convert)")
     stats: LayerStats = layer.__dict__.get("_bt_stats") or LayerStats()
     device = next(layer.parameters()).device.type
-    kernel = resolve_kernel_name(layer.__dict__.get("_bt_kernel", "auto"), device)
+    kernel = stats.last_kernel or resolve_kernel_name(layer.__dict__.get("_bt_kernel", "auto"), device)
     return LayerReport(
         path, True, kernel, stats.last_reason,
-        stats.fused_calls, stats.fallback_calls, dict(stats.reasons),
+        stats.fused_calls, stats.fallback_calls, dict(stats.reasons), stats.last_note,
     )

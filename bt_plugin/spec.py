@@ -49,6 +49,13 @@ class EncoderSpec:
             frame; a classifier on the first token reads position 0, padding in a left-padded
             row). A converted model whose class name ends with a suffix gets those padded rows
             computed as stock (see `bt_plugin.heads`); first match wins.
+        attention_interface: Whether the layer computes attention through transformers' attention
+            interface (`ALL_ATTENTION_FUNCTIONS.get_interface`). Then the layer's own code can run
+            on packed real tokens (the `layercode` path, see `bt_plugin.layercode`) whenever a
+            fused kernel cannot serve it: adapters, quantized linears, rotary / gated layers. A
+            spec with no fused roles (query ... num_heads all None) is served by that path only.
+        layer_kwargs: Keyword arguments the encoder loop passes to every layer that the
+            layer-code path packs with the hidden states (e.g. rotary `position_embeddings`).
         config_checks: Callables `config -> reason | None`; a reason leaves the model stock.
         layer_checks: Callables `layer -> reason | None` run on every call (for settings a
             model can switch at run time); a reason runs the stock forward for that call.
@@ -63,16 +70,16 @@ class EncoderSpec:
     name: str
     model_types: tuple[str, ...]
     layer_classes: tuple[str, ...]
-    query: str
-    key: str
-    value: str
-    out_proj: str
-    norm1: str
-    linear1: str
-    activation: str
-    linear2: str
-    norm2: str
-    num_heads: str
+    query: str | None = None
+    key: str | None = None
+    value: str | None = None
+    out_proj: str | None = None
+    norm1: str | None = None
+    linear1: str | None = None
+    activation: str | None = None
+    linear2: str | None = None
+    norm2: str | None = None
+    num_heads: str | None = None
     norm_first: bool = False
     layer_scale1: str | None = None
     layer_scale2: str | None = None
@@ -84,8 +91,15 @@ class EncoderSpec:
     mask_marks_padding: bool = False
     reads_padding: bool = False
     head_reads: tuple[tuple[str, str], ...] = ()
+    attention_interface: bool = False
+    layer_kwargs: tuple[str, ...] = ()
     config_checks: tuple[ConfigCheck, ...] = field(default=())
     layer_checks: tuple[Callable[[Any], "str | None"], ...] = field(default=())
+
+    @property
+    def has_fused_layout(self) -> bool:
+        """Whether the spec names the roles a fused kernel needs (else: layer code only)."""
+        return all(getattr(self, role) is not None for role in ROLES)
 
     def resolve_layer_classes(self) -> tuple[type, ...]:
         """Import and return the layer classes; a missing one is skipped (renamed upstream)."""

@@ -24,6 +24,7 @@ class Frame:
     carrier: object = None
     state: object = None
     kernel: object = None
+    token: object = None  # the ContextVar token of a hook-opened frame
 
 
 _running: ContextVar[Frame | None] = ContextVar("bt_plugin_running_stack", default=None)
@@ -64,17 +65,34 @@ def _rebuild_owner(stock_class: type):
     return object.__new__(owner_class_for(stock_class))
 
 
-def attach(owner: nn.Module, attribute: str, layers) -> bool:
-    """Make `owner` a stack owner for `layers` (its `attribute`); False when it must stay as is.
+def _open_frame(owner: nn.Module, args, kwargs):
+    """Forward pre-hook of a `PreTrainedModel` that runs its layer loop itself (ModernBERT, GTE...)."""
+    collects = bool(kwargs.get("output_hidden_states") or kwargs.get("output_attentions"))
+    frame = Frame(owner, collects)
+    frame.token = _running.set(frame)
 
-    A `PreTrainedModel` is never class-swapped (its class name is saved in checkpoints); its
-    layers then pack per call.
+
+def _close_frame(owner: nn.Module, args, kwargs, output):
+    """Its forward hook, run even when the forward raised (`always_call`)."""
+    frame = _running.get()
+    if frame is not None and frame.owner is owner and getattr(frame, "token", None) is not None:
+        _running.reset(frame.token)
+
+
+def attach(owner: nn.Module, attribute: str, layers) -> bool:
+    """Make `owner` a stack owner for `layers` (its `attribute`).
+
+    A plain module is class-swapped (like the layers). A `PreTrainedModel` is not (its class name
+    is saved in checkpoints): it gets a forward pre-hook and an always-called forward hook that
+    open and close the frame instead.
     """
     from transformers import PreTrainedModel
 
     if isinstance(owner, PreTrainedModel):
-        return False
-    if not isinstance(owner, StackOwner):
+        if _open_frame not in owner._forward_pre_hooks.values():
+            owner.register_forward_pre_hook(_open_frame, with_kwargs=True)
+            owner.register_forward_hook(_close_frame, with_kwargs=True, always_call=True)
+    elif not isinstance(owner, StackOwner):
         owner.__class__ = owner_class_for(type(owner))
     for layer in layers:
         layer.__dict__["_bt_owner"] = (owner, attribute)  # plain reference: not a submodule
@@ -84,6 +102,13 @@ def attach(owner: nn.Module, attribute: str, layers) -> bool:
 def detach(owner: nn.Module) -> None:
     if isinstance(owner, StackOwner):
         owner.__class__ = type(owner)._bt_stock_class
+    # found by identity, not by handle: the hooks survive deepcopy and pickle with the model
+    for hooks in (owner._forward_pre_hooks, owner._forward_hooks):
+        for key in [key for key, hook in hooks.items() if hook in (_open_frame, _close_frame)]:
+            del hooks[key]
+            for table in (owner._forward_pre_hooks_with_kwargs, owner._forward_hooks_with_kwargs,
+                          owner._forward_hooks_always_called):
+                table.pop(key, None)
 
 
 def running_frame(layer: nn.Module) -> Frame | None:

@@ -54,5 +54,6 @@ SPEC = EncoderSpec(
     ),
     **BERT_LAYER_PATHS,
     head_reads=TEXT_HEAD_READS,
+    attention_interface=True,  # BertSelfAttention calls ALL_ATTENTION_FUNCTIONS: adapters run padding-free
     config_checks=(ENCODER_ONLY,),
 )

@@ -15,15 +15,15 @@ Examined and left stock:
   states collected by the encoder's own loop, a tuple returned); not examined further yet.
 - big_bird: block-sparse attention by default, switched per call (band/from/to masks).
 - layoutlmv2, layoutlmv3: relative 1-D and 2-D position bias added to the scores.
-- esm: rotary embeddings (ESM-2) and a module-less gelu function in the feed-forward block.
+- esm: rotary embeddings (ESM-2): served by patches/rotary.py (layer code on packed tokens).
 - ibert: integer-only quantized modules (QuantLinear, IntLayerNorm, IntGELU).
 - xmod: per-language adapters inside each layer.
 - lilt, bros, luke: layout / bbox / entity streams inside the attention.
 - mpnet, roformer, deberta, deberta-v2, funnel: relative or rotary positions in the attention.
 - convbert, mobilebert, squeezebert, longformer, nystromformer, yoso, mra: not a plain
   self-attention + FFN block (convolutions, bottlenecks, windowed or approximate attention).
-- nomic_bert, gte, ultrabert, eurobert, modernbert: rotary embeddings and a gated MLP;
-  jina_embeddings_v3: rotary embeddings.
+- nomic_bert, gte, eurobert, modernbert, jina_embeddings_v3: rotary embeddings and gated MLPs,
+  served by patches/rotary.py (layer code on packed tokens); ultrabert: not examined yet.
 - xlm, flaubert: attention, norms and FFNs kept in parallel ModuleLists (no layer module).
 - bridgetower_text_model: BERT-style layer, but not a public standalone class (BridgeTowerModel
   drives its text layers itself, interleaved with cross-modal layers).

@@ -150,22 +150,23 @@ def test_peft_lora_training_runs_the_stock_path(tmp_path):
         assert layer.reason == "the layer was in training mode (model.train())"
 
 
-def test_peft_lora_unmerged_falls_back_and_merged_runs_fused(tmp_path):
+def test_peft_lora_unmerged_runs_layer_code_and_merged_runs_fused(tmp_path):
     stock_peft, converted_peft = _lora_pair(tmp_path)
     stock_peft.eval(), converted_peft.eval()
     ids, mask = padded_batch(LENGTHS, length=8)
 
-    # (b) unmerged adapter: the query projection is a peft module, so every layer falls back.
+    # (b) unmerged adapter: the query projection is a peft module, which no fused kernel computes:
+    # every layer runs its own code (the adapter included) on the packed real tokens.
     with torch.inference_mode():
         expected = stock_peft(input_ids=ids, attention_mask=mask).logits
         got = converted_peft(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
     base = converted_peft.get_base_model()
     for layer in bt_plugin.explain(base).layers:
-        assert layer.converted and layer.status == "fallback"
-        assert layer.fused_calls == 0 and layer.fallback_calls == 1
-        assert layer.reason.startswith("attention.self.query was peft."), layer.reason
-        assert "not torch.nn.Linear" in layer.reason
+        assert layer.converted and layer.status == "fused" and layer.kernel == "layercode"
+        assert layer.fused_calls == 1 and layer.fallback_calls == 0
+        assert layer.note.startswith("attention.self.query was peft."), layer.note
+        assert "not torch.nn.Linear" in layer.note
 
     # (c) merged: the adapter is folded into plain nn.Linear weights; fused again, same numbers.
     stock_merged = stock_peft.merge_and_unload()
@@ -179,7 +180,8 @@ def test_peft_lora_unmerged_falls_back_and_merged_runs_fused(tmp_path):
     torch.testing.assert_close(expected_merged, expected, atol=1e-4, rtol=0)  # merging kept the adapter
     for layer in bt_plugin.explain(converted_merged).layers:
         assert layer.converted and layer.status == "fused" and layer.reason is None
-        assert layer.fused_calls == 1 and layer.fallback_calls == 1
+        assert layer.kernel == "packed" and layer.note is None
+        assert layer.fused_calls == 2 and layer.fallback_calls == 0
 
     # Token features too (fused outputs are zeros at padding: compare real tokens only).
     with torch.inference_mode():

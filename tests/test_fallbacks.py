@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -238,7 +240,9 @@ class Adapter(nn.Module):
         return self.inner(x)
 
 
-def test_replaced_query_module_falls_back(model_dir):
+def test_replaced_query_module_runs_the_layer_code_padding_free(model_dir):
+    """A replaced projection (an adapter) is no plain Linear: that layer runs its own code on the
+    packed tokens instead of the fused kernel; the others stay fused."""
     stock, conv = pair(model_dir)
     ids, mask = padded_batch(LENGTHS, seed=1)
     attn = conv.encoder.layer[0].attention.self
@@ -247,8 +251,34 @@ def test_replaced_query_module_falls_back(model_dir):
     before = counts(conv)
     got, want = run(conv, ids, mask).last_hidden_state, run(stock, ids, mask).last_hidden_state
     assert max_diff_on_real(got, want, mask) <= TOL
-    assert_fell_back(conv, before, "attention.self.query", layers=[0])
+    after = counts(conv)
+    assert [f - f0 for (f0, _), (f, _) in zip(before, after)] == [1] * len(after)
+    assert [b - b0 for (_, b0), (_, b) in zip(before, after)] == [0] * len(after)
+    layers = bt_plugin.explain(conv).layers
+    assert layers[0].kernel == "layercode" and "attention.self.query" in layers[0].note
+    assert all(layer.kernel != "layercode" for layer in layers[1:])
     attn.query = original
+    assert_fused_again(conv, stock)
+
+
+def test_a_replaced_module_in_a_layer_without_attention_interface_falls_back(model_dir):
+    """A spec that does not promise transformers' attention interface has no layer-code path."""
+    stock, conv = pair(model_dir)
+    ids, mask = padded_batch(LENGTHS, seed=1)
+    layer = conv.encoder.layer[0]
+    spec = layer._bt_spec
+    attn = layer.attention.self
+    original = attn.query
+    attn.query = Adapter(original)
+    layer.__class__._bt_spec = dataclasses.replace(spec, attention_interface=False)
+    try:
+        before = counts(conv)
+        got, want = run(conv, ids, mask).last_hidden_state, run(stock, ids, mask).last_hidden_state
+        assert max_diff_on_real(got, want, mask) <= TOL
+        assert_fell_back(conv, before, "attention.self.query", layers=[0])
+    finally:
+        layer.__class__._bt_spec = spec
+        attn.query = original
     assert_fused_again(conv, stock)
 
 

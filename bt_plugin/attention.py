@@ -1,0 +1,93 @@
+"""Attention per sequence on packed tokens, for layers that run their own code on them.
+
+transformers' attention modules look up their attention function with
+`ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)`.
+While a layer runs its stock code on packed real tokens (`[1, T, E]`, see `bt_plugin.layercode`),
+that lookup returns `packed_attention` in this context only (a ContextVar: other threads, other
+models and every other call are untouched). `packed_attention` runs SDPA per sequence over
+exactly that sequence's real tokens, with the mask stock applied among them (a sliding window,
+for instance), grouped-query heads and the module's own scaling.
+
+The lookup is wrapped once, with wrapt, the first time a layer takes this path.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Segments:
+    """The packed sequences of one layer call: `(start, count)` per sequence, and the boolean
+    `(count, count)` mask among its real tokens (None: every token attends to every token)."""
+
+    spans: list[tuple[int, int]]
+    masks: list[torch.Tensor | None]
+    calls: int = 0
+    unsupported: list[str] = field(default_factory=list)
+
+
+_active: ContextVar[Segments | None] = ContextVar("bt_plugin_packed_attention", default=None)
+_install_lock = threading.Lock()
+_installed = False
+# Keyword arguments of an attention call that change its math in ways packed_attention does not
+# compute; a call that passes one with a value is recorded and the layer is re-run stock.
+_UNSUPPORTED = ("softcap", "s_aux", "sinks")
+
+
+def packed_attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
+    """An attention-interface function: `(1, H, T, D)` packed q (k/v may have fewer heads) ->
+    `((1, T, H, D), None)`, attending within each sequence of the active `Segments` only."""
+    segments = _active.get()
+    segments.calls += 1
+    for name in _UNSUPPORTED:
+        if kwargs.get(name) is not None:
+            segments.unsupported.append(f"the attention call passed {name}")
+    gqa = query.shape[1] != key.shape[1]
+    outs = [
+        F.scaled_dot_product_attention(
+            query[:, :, start:start + count], key[:, :, start:start + count], value[:, :, start:start + count],
+            attn_mask=mask, scale=scaling, enable_gqa=gqa,
+        )
+        for (start, count), mask in zip(segments.spans, segments.masks)
+    ]
+    out = torch.cat(outs, dim=2) if outs else query.new_zeros(query.shape)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def attending_within(segments: Segments):
+    """Route transformers' attention lookups in this context to `packed_attention`."""
+    install()
+    token = _active.set(segments)
+    try:
+        yield segments
+    finally:
+        _active.reset(token)
+
+
+def _get_interface_wrapper(wrapped, instance, args, kwargs):
+    if _active.get() is not None:
+        return packed_attention
+    return wrapped(*args, **kwargs)
+
+
+def install() -> None:
+    """Wrap `AttentionInterface.get_interface` once (idempotent, thread-safe)."""
+    global _installed
+    if _installed:
+        return
+    with _install_lock:
+        if not _installed:
+            import wrapt
+
+            wrapt.wrap_function_wrapper(
+                "transformers.modeling_utils", "AttentionInterface.get_interface", _get_interface_wrapper
+            )
+            _installed = True

@@ -1,0 +1,216 @@
+"""Rotary, gated and RMSNorm encoders (patches/rotary.py): each layer runs its own stock code on the
+packed real tokens (`layercode`), attention per sequence. Against stock transformers, realistic
+width, saved and reloaded through from_pretrained."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import tempfile
+
+import pytest
+import torch
+import transformers
+
+import bt_plugin
+from bt_plugin.patches import rotary
+
+import support
+
+ATOL = 1e-5
+SIZES = dict(vocab_size=support.VOCAB, hidden_size=256, num_attention_heads=4, intermediate_size=512,
+             num_hidden_layers=3, max_position_embeddings=128)
+TOKENS = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
+# model_type -> (config class, base model, task head, config overrides)
+CASES = {
+    "modernbert": ("ModernBertConfig", "ModernBertModel", "ModernBertForSequenceClassification",
+                   dict(TOKENS, cls_token_id=2, sep_token_id=3, global_attn_every_n_layers=2, local_attention=8)),
+    "gte": ("GteConfig", "GteModel", "GteForSequenceClassification", {}),
+    "nomic_bert": ("NomicBertConfig", "NomicBertModel", "NomicBertForTokenClassification", {}),
+    "jina_embeddings_v3": ("JinaEmbeddingsV3Config", "JinaEmbeddingsV3Model",
+                           "JinaEmbeddingsV3ForQuestionAnswering", {}),
+    "eurobert": ("EuroBertConfig", "EuroBertModel", "EuroBertForSequenceClassification",
+                 dict(TOKENS, mask_token_id=4, num_key_value_heads=2)),
+    "esm": ("EsmConfig", "EsmModel", "EsmForTokenClassification",
+            dict(position_embedding_type="rotary", pad_token_id=1, mask_token_id=4)),
+}
+MODEL_TYPES = list(CASES)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_config(model_type: str, **overrides):
+    config_class, _, _, extra = CASES[model_type]
+    return getattr(transformers, config_class)(**{**SIZES, **extra, **overrides})
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """`pairs(model_type, head=False)` -> (stock, converted), built once per module."""
+    cache = {}
+
+    def get(model_type: str, head: bool = False, kernel: str = "auto"):
+        key = (model_type, head, kernel)
+        if key not in cache:
+            cls = getattr(transformers, CASES[model_type][2 if head else 1])
+            torch.manual_seed(0)
+            directory = tempfile.mkdtemp()
+            cls(make_config(model_type)).save_pretrained(directory)
+            stock = cls.from_pretrained(directory).eval()
+            with bt_plugin.enabled(kernel=kernel):
+                converted = cls.from_pretrained(directory).eval()
+            cache[key] = (stock, converted)
+        return cache[key]
+
+    return get
+
+
+def pad_id(model) -> int:
+    return model.config.pad_token_id or 0
+
+
+def batch(model, lengths: list[int], side: str = "right", seed: int = 0):
+    ids, mask = support.padded_batch(lengths, seed=seed, pad_token=pad_id(model))
+    return (ids.flip(1), mask.flip(1)) if side == "left" else (ids, mask)
+
+
+def run_both(stock, converted, **inputs):
+    before = [(layer.fused_calls, layer.fallback_calls) for layer in bt_plugin.explain(converted).layers]
+    with torch.inference_mode():
+        expected, actual = stock(**inputs), converted(**inputs)
+    report = bt_plugin.explain(converted)
+    assert report.layers
+    for (f0, b0), layer in zip(before, report.layers):
+        assert layer.fused_calls > f0 and layer.fallback_calls == b0 == 0, str(report)
+        assert layer.kernel == "layercode" and layer.reason is None, str(report)
+    return expected, actual
+
+
+def close(want: torch.Tensor, got: torch.Tensor, mask: torch.Tensor | None) -> None:
+    assert want.shape == got.shape
+    diff = support.max_diff_on_real(want, got, mask if want.dim() >= 3 else None)
+    assert diff <= ATOL, f"max abs diff {diff:.2e}"
+
+
+def test_every_spec_resolves_its_layer_classes():
+    for spec in rotary.SPECS:
+        assert spec.attention_interface and not spec.has_fused_layout
+        assert len(spec.resolve_layer_classes()) == len(spec.layer_classes), spec.name
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_converted_with_layer_code(model_type, pairs):
+    _, converted = pairs(model_type)
+    report = bt_plugin.explain(converted)
+    assert report.family == model_type and report.reason is None
+    assert len(report.layers) == SIZES["num_hidden_layers"] and all(layer.converted for layer in report.layers)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_padded_batch(model_type, side, pairs):
+    stock, converted = pairs(model_type)
+    ids, mask = batch(stock, [30, 5, 17, 1, 12], side)  # a row of length 1 included
+    expected, actual = run_both(stock, converted, input_ids=ids, attention_mask=mask)
+    close(expected.last_hidden_state, actual.last_hidden_state, mask)
+    if getattr(expected, "pooler_output", None) is not None:
+        close(expected.pooler_output, actual.pooler_output, None)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_no_padding_and_batch_of_one(model_type, pairs):
+    stock, converted = pairs(model_type)
+    for lengths in ([20, 20, 20], [9]):
+        ids, mask = batch(stock, lengths)
+        expected, actual = run_both(stock, converted, input_ids=ids, attention_mask=mask)
+        close(expected.last_hidden_state, actual.last_hidden_state, None)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_output_hidden_states(model_type, pairs):
+    stock, converted = pairs(model_type)
+    ids, mask = batch(stock, [25, 6, 14])
+    expected, actual = run_both(stock, converted, input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert len(expected.hidden_states) == len(actual.hidden_states) == SIZES["num_hidden_layers"] + 1
+    for want, got in zip(expected.hidden_states, actual.hidden_states):
+        close(want, got, mask)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_task_head(model_type, pairs):
+    stock, converted = pairs(model_type, head=True)
+    ids, mask = batch(stock, [30, 5, 17, 1])
+    expected, actual = run_both(stock, converted, input_ids=ids, attention_mask=mask)
+    reads_every = bt_plugin.explain(converted).padded_positions.startswith("computed as stock")
+    for key, want in expected.items():
+        if isinstance(want, torch.Tensor):
+            close(want, actual[key], None if reads_every else mask)
+
+
+def test_sliding_window_layers_see_their_own_window(pairs):
+    """ModernBERT's local layers attend within 4 tokens: sequences longer than the window."""
+    stock, converted = pairs("modernbert")
+    assert "sliding_attention" in stock.config.layer_types
+    ids, mask = batch(stock, [40, 11, 27], seed=3)
+    expected, actual = run_both(stock, converted, input_ids=ids, attention_mask=mask)
+    close(expected.last_hidden_state, actual.last_hidden_state, mask)
+
+
+def test_padding_is_removed_not_computed(pairs):
+    stock, converted = pairs("gte")
+    ids, mask = batch(stock, [30, 5, 17])
+    _, actual = run_both(stock, converted, input_ids=ids, attention_mask=mask)
+    assert bool((actual.last_hidden_state[~mask.bool()] == 0).all())
+
+
+def test_training_mode_runs_stock(pairs):
+    stock, converted = pairs("eurobert")
+    ids, mask = batch(stock, [12, 4])
+    converted.train()
+    try:
+        with torch.no_grad():
+            converted(input_ids=ids, attention_mask=mask)
+        assert all("training mode" in layer.reason for layer in bt_plugin.explain(converted).layers)
+    finally:
+        converted.eval()
+
+
+def test_pickle_deepcopy_and_revert(pairs):
+    # a pair of its own: after an output_hidden_states call transformers leaves hooks (local
+    # functions) on the layers that no model, stock or converted, can pickle
+    stock, converted = pairs("modernbert", kernel="packed")
+    ids, mask = batch(stock, [30, 5, 17])
+    with torch.inference_mode():
+        want = stock(input_ids=ids, attention_mask=mask).last_hidden_state
+    for clone in (copy.deepcopy(converted), pickle.loads(pickle.dumps(converted))):
+        _, got = run_both(stock, clone, input_ids=ids, attention_mask=mask)
+        close(want, got.last_hidden_state, mask)
+    reverted = bt_plugin.revert(copy.deepcopy(converted))
+    assert not bt_plugin.is_converted(reverted)
+    assert not reverted._forward_pre_hooks and not reverted._forward_hooks
+    assert {k: v for k, v in reverted.state_dict().items()}.keys() == stock.state_dict().keys()
+
+
+def test_an_exception_half_way_leaves_no_frame_behind(pairs):
+    stock, converted = pairs("gte")
+    ids, mask = batch(stock, [30, 5, 17])
+    layer = converted.layers[1]
+    original = layer.mlp.forward
+    layer.mlp.forward = lambda x: (_ for _ in ()).throw(RuntimeError("boom"))
+    try:
+        with pytest.raises(RuntimeError, match="boom"), torch.inference_mode():
+            converted(input_ids=ids, attention_mask=mask)
+    finally:
+        del layer.mlp.forward
+    assert layer.mlp.forward == original
+    from bt_plugin.stack import _running
+
+    assert _running.get() is None
+    expected, actual = run_both(stock, converted, input_ids=ids, attention_mask=mask)
+    close(expected.last_hidden_state, actual.last_hidden_state, mask)

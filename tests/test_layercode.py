@@ -1,0 +1,150 @@
+"""The layer-code path on already-served families: unmerged LoRA adapters, dynamically quantized
+linears and any replaced token-wise module run padding-free instead of falling back; a layer
+whose attention does not go through transformers' attention interface is refused with a reason."""
+
+from __future__ import annotations
+
+import copy
+import types
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+import bt_plugin
+
+import support
+
+ATOL = 1e-5
+LENGTHS = [30, 5, 17, 1, 12]
+LORA_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> str:
+    return support.save_model("bert", tmp_path_factory.mktemp("bert"), head=True)
+
+
+def load(path: str, converted: bool):
+    cls = support.model_class("bert", head=True)
+    if not converted:
+        return cls.from_pretrained(path).eval()
+    with bt_plugin.enabled():
+        return cls.from_pretrained(path).eval()
+
+
+def with_adapters(model, names=("first", "second")):
+    """The same LoRA adapters (random, non-zero B) on every attention and FFN linear."""
+    peft_model = None
+    for index, name in enumerate(names):
+        torch.manual_seed(100 + index)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False)
+        if peft_model is None:
+            peft_model = get_peft_model(model, config, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, config)
+    return peft_model.eval()
+
+
+def assert_ran_layer_code(model, note_part: str) -> None:
+    for layer in bt_plugin.explain(model).layers:
+        assert layer.kernel == "layercode" and layer.fallback_calls == 0 and layer.fused_calls > 0, layer
+        assert note_part in layer.note
+
+
+def test_unmerged_lora_runs_padding_free_and_equals_stock_with_the_adapter(bert_dir):
+    stock, converted = with_adapters(load(bert_dir, False)), with_adapters(load(bert_dir, True))
+    ids, mask = support.padded_batch(LENGTHS, pad_token=0)
+    for name in ("first", "second", "first"):  # switching adapters stays exact
+        stock.set_adapter(name)
+        converted.set_adapter(name)
+        with torch.inference_mode():
+            want = stock(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            got = converted(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            last_want = stock.base_model.model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+            last_got = converted.base_model.model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert (want.logits - got.logits).abs().max().item() <= ATOL
+        for a, b in zip(want.hidden_states, got.hidden_states):
+            assert support.max_diff_on_real(a, b, mask) <= ATOL
+        assert support.max_diff_on_real(last_want, last_got, mask) <= ATOL
+        assert bool((last_got[~mask.bool()] == 0).all())  # padding removed, not computed
+    assert_ran_layer_code(converted.get_base_model(), "peft.tuners.lora")
+    # the adapters differ: the check above is not vacuous
+    stock.set_adapter("second")
+    with torch.inference_mode():
+        other = stock(input_ids=ids, attention_mask=mask).logits
+    assert (other - want.logits).abs().max().item() > 1e-3
+
+
+def test_quantize_dynamic_runs_padding_free_close_to_stock_int8(bert_dir):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices
+        stock = torch.ao.quantization.quantize_dynamic(load(bert_dir, False).bert, {torch.nn.Linear}, dtype=torch.qint8)
+        converted = torch.ao.quantization.quantize_dynamic(load(bert_dir, True).bert, {torch.nn.Linear}, dtype=torch.qint8)
+    ids, mask = support.padded_batch(LENGTHS, pad_token=0)
+    with torch.inference_mode():
+        want = stock(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = converted(input_ids=ids, attention_mask=mask).last_hidden_state
+    real = mask.bool()
+    cosine = torch.nn.functional.cosine_similarity(want[real], got[real], dim=-1)
+    assert cosine.min().item() >= 0.999
+    assert bool((got[~real] == 0).all())
+    assert_ran_layer_code(converted, "quantized")
+
+
+class Wrapped(torch.nn.Module):
+    """A replaced projection (what an adapter looks like to bt_plugin)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def self_made_attention(module, hidden_states, attention_mask=None, **kwargs):
+    """BERT self-attention written out by hand (no attention interface), as a fork might do."""
+    shape = (*hidden_states.shape[:-1], -1, module.attention_head_size)
+    q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (module.query, module.key, module.value))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+    return out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1), None
+
+
+def test_a_layer_that_bypasses_the_attention_interface_is_refused(bert_dir):
+    """Its packed tokens would attend across sequences: detected, re-run stock, reason kept."""
+    stock, converted = load(bert_dir, False), load(bert_dir, True)
+    for model in (stock, converted):
+        attention = model.bert.encoder.layer[1].attention.self
+        attention.query = Wrapped(attention.query)
+        attention.forward = types.MethodType(self_made_attention, attention)
+    ids, mask = support.padded_batch(LENGTHS, pad_token=0)
+    for _ in range(2):
+        with torch.inference_mode():
+            want = stock(input_ids=ids, attention_mask=mask).logits
+            got = converted(input_ids=ids, attention_mask=mask).logits
+        assert (want - got).abs().max().item() <= ATOL
+    report = bt_plugin.explain(converted).layers[1]
+    assert report.fallback_calls == 2 and "did not call transformers' attention interface" in report.reason
+
+
+def test_layer_code_can_be_chosen_for_a_plain_layer(bert_dir):
+    """`kernel="layercode"` runs the stock code of every layer padding-free (for comparisons)."""
+    stock = load(bert_dir, False)
+    with bt_plugin.enabled(kernel="layercode"):
+        converted = support.model_class("bert", head=True).from_pretrained(bert_dir).eval()
+    ids, mask = support.padded_batch(LENGTHS, pad_token=0)
+    with torch.inference_mode():
+        want, got = stock(input_ids=ids, attention_mask=mask).logits, converted(input_ids=ids, attention_mask=mask).logits
+    assert (want - got).abs().max().item() <= ATOL
+    assert all(layer.kernel == "layercode" and layer.note is None for layer in bt_plugin.explain(converted).layers)
+    assert copy.deepcopy(converted) is not None
