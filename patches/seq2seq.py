@@ -59,6 +59,7 @@ BART = EncoderSpec(
     ),
     norm_first=False,
     **BART_LAYER_PATHS,
+    attention_interface=True,  # calls ALL_ATTENTION_FUNCTIONS (MVP and FSMT do not)
 )
 
 MBART = EncoderSpec(
@@ -72,6 +73,7 @@ MBART = EncoderSpec(
     ),
     norm_first=True,
     **BART_LAYER_PATHS,
+    attention_interface=True,  # calls ALL_ATTENTION_FUNCTIONS (MVP and FSMT do not)
 )
 
 

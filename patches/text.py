@@ -33,6 +33,9 @@ from bt_plugin.patches.bert import BERT_LAYER_PATHS, ENCODER_ONLY, TEXT_HEAD_REA
 from bt_plugin.spec import EncoderSpec
 
 _MODELS = "transformers.models"
+# The specs with `attention_interface=True` compute attention through transformers' attention
+# interface: a layer whose projections were replaced (adapters) runs its own code padding-free.
+# The older copies (tapas, rembert, visual_bert, megatron-bert) have their own eager attention.
 
 # BERT's own layer layout (`attention.self.{query,key,value}`, `attention.output.{dense,LayerNorm}`,
 # `intermediate.{dense,intermediate_act_fn}`, `output.{dense,LayerNorm}`), post-layer-norm, copied
@@ -62,6 +65,7 @@ BERT_LAYOUT = EncoderSpec(
     head_reads=(("DPRReader", "every"), ("DPRContextEncoder", "first"), ("DPRQuestionEncoder", "first"),
                 *TEXT_HEAD_READS),
     config_checks=(ENCODER_ONLY,),
+    attention_interface=True,
 )
 
 # DistilBERT's TransformerBlock: post-layer-norm, attention projections named q/k/v/out_lin.
@@ -80,6 +84,7 @@ DISTILBERT = EncoderSpec(
     norm2="output_layer_norm",
     num_heads="attention.n_heads",
     head_reads=TEXT_HEAD_READS,
+    attention_interface=True,
 )
 
 # ALBERT: one AlbertLayer per layer group (by default one group, one layer), called
@@ -100,6 +105,7 @@ ALBERT = EncoderSpec(
     norm2="full_layer_layer_norm",
     num_heads="attention.num_attention_heads",
     head_reads=TEXT_HEAD_READS,
+    attention_interface=True,
 )
 
 # XLM-RoBERTa-XL: pre-layer-norm (the encoder applies a final LayerNorm after the stack).
@@ -111,6 +117,7 @@ XLM_ROBERTA_XL = EncoderSpec(
     norm_first=True,
     config_checks=(ENCODER_ONLY,),
     head_reads=TEXT_HEAD_READS,
+    attention_interface=True,
 )
 
 # RoBERTa-PreLayerNorm: pre-layer-norm, the norms live in the attention and intermediate blocks.
@@ -122,6 +129,7 @@ ROBERTA_PRELAYERNORM = EncoderSpec(
     norm_first=True,
     config_checks=(ENCODER_ONLY,),
     head_reads=TEXT_HEAD_READS,
+    attention_interface=True,
 )
 
 # BERT's layer layout again, post-layer-norm, in the older call convention: the encoder passes

@@ -45,12 +45,16 @@ def _config_flag_false(name: str, why: str):
     return check
 
 
+# Every layer below computes attention through transformers' attention interface
+# (`attention_interface=True`): with a replaced projection (an adapter) it runs its own code.
+
 # ViTLayer and its copies (ViT, DeiT, ViT-MAE, ViT-MSN, I-JEPA, Pixio, ViViT): the mask is argument 1.
 _VIT_PATHS = dict(
     query="attention.q_proj", key="attention.k_proj", value="attention.v_proj", out_proj="attention.o_proj",
     norm1="layernorm_before", linear1="mlp.fc1", activation="mlp.activation_fn", linear2="mlp.fc2",
     norm2="layernorm_after", num_heads="attention.num_attention_heads", attention_scale="attention.scaling",
     norm_first=True,
+    attention_interface=True,
 )
 
 # The older BERT-named copies (YOLOS, VideoMAE, DPT): `layer(hidden_states)`, no mask argument.
@@ -60,6 +64,7 @@ _VIT_BERT_NAMED_PATHS = dict(
     activation="intermediate.intermediate_act_fn", linear2="output.dense", norm2="layernorm_after",
     num_heads="attention.attention.num_attention_heads", attention_scale="attention.attention.scaling",
     norm_first=True,
+    attention_interface=True,
 )
 
 # DINOv2 (and with registers): ViT attention, norm1/norm2, LayerScale on both branches.
@@ -68,6 +73,7 @@ _DINOV2_PATHS = dict(
     norm1="norm1", linear1="mlp.fc1", activation="mlp.activation_fn", linear2="mlp.fc2", norm2="norm2",
     num_heads="attention.num_attention_heads", attention_scale="attention.scaling",
     layer_scale1="layer_scale1.lambda1", layer_scale2="layer_scale2.lambda1", norm_first=True,
+    attention_interface=True,
 )
 
 # CLIPEncoderLayer and its copies: `layer(hidden_states, attention_mask, **kwargs)`.
@@ -75,6 +81,7 @@ _CLIP_PATHS = dict(
     query="self_attn.q_proj", key="self_attn.k_proj", value="self_attn.v_proj", out_proj="self_attn.out_proj",
     norm1="layer_norm1", linear1="mlp.fc1", activation="mlp.activation_fn", linear2="mlp.fc2",
     norm2="layer_norm2", num_heads="self_attn.num_heads", attention_scale="self_attn.scale", norm_first=True,
+    attention_interface=True,
 )
 
 _SWIGLU = _config_flag_false(
