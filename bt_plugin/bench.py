@@ -10,15 +10,21 @@ Candidates (all loaded from the same checkpoint, so they share identical weights
 
 Model shapes: `bert-base` (`BertConfig()` defaults, random weights from a fixed seed, saved once
 and loaded by every candidate), `minilm` (the real all-MiniLM-L6-v2 checkpoint), `bert-small`
-(hidden 256, 2 layers; used by `--quick`).
+(hidden 256, 2 layers; used by `--quick`); served by the layer-code path: `modernbert-base` and
+`gte-base` (their configs' defaults, random weights), `minilm-lora` (all-MiniLM-L6-v2 with the same
+unmerged rank-8 LoRA adapter on every attention and feed-forward linear, for stock and bt_plugin
+alike) and `gte-small` (hidden 256, 2 layers; `--quick`). Those run `stock` and `packed` only
+(`fastpath` would take the same layer-code path). `mpnet-base` (`MPNetConfig()` defaults): its
+relative position bias is added per sequence by `packed`; fastpath cannot, so it is not run.
 
 Workloads: `text` (batches of 32 paragraphs of real English, see `bt_plugin.corpus`, tokenized
 with the all-MiniLM-L6-v2 tokenizer, padded to the longest, truncated at 256), `no-padding`
 (8 x 128 random tokens), `batch1` (1 x 16) and `sweep` (32 x 256 with 100/75/50/25/10 % real
 tokens; one row is always full length). By default every workload runs on `bert-base` and all
-but the sweep on `minilm`: about 15 minutes on an idle 2-core CPU. `--quick` runs `minilm` (text,
-no-padding, batch1) and `bert-small` (sweep at 32 x 128) with 3 repetitions, no memory processes,
-on one torch thread (see QUICK_THREADS): well under 2 minutes, also on a busy machine.
+but the sweep on `minilm`, `modernbert-base`, `gte-base`, `minilm-lora` and `mpnet-base`: about 35 minutes on an
+idle 2-core CPU. `--quick` runs `minilm` (text, no-padding, batch1), `bert-small` (sweep at 32 x 128),
+`minilm-lora` and `gte-small` (text) with 3 repetitions, no memory processes, on one torch thread
+(see QUICK_THREADS): about 2 minutes, also on a busy machine.
 
 Timing: each candidate runs once untimed (its output is compared with stock on real tokens),
 then each repetition runs every candidate once in a rotating order; the report gives the median
@@ -106,13 +112,23 @@ SHAPES: dict[str, Shape] = {
                       config_class="GteConfig", model_class="GteModel", candidates=("stock", "packed")),
     "minilm-lora": Shape("minilm-lora", None, ("text", "no-padding", "batch1"), memory=False, adapter=True,
                          candidates=("stock", "packed")),
+    # MPNet's relative position bias is added per sequence by `packed` (fastpath cannot).
+    "mpnet-base": Shape("mpnet-base", {}, ("text", "no-padding", "batch1"), memory=False,
+                        config_class="MPNetConfig", model_class="MPNetModel",
+                        candidates=("stock", "stock-eager", "packed")),
+    "gte-small": Shape("gte-small", dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024,
+                                         num_hidden_layers=2), memory=False, config_class="GteConfig",
+                       model_class="GteModel", candidates=("stock", "packed")),
     # Undocumented, for the smoke test: the real vocabulary (the text workload's token ids), tiny layers.
     "tiny": Shape("tiny", dict(hidden_size=32, num_attention_heads=2, intermediate_size=64,
                                num_hidden_layers=2), public=False),
 }
-DEFAULT_SHAPES = ("bert-base", "minilm", "modernbert-base", "gte-base", "minilm-lora")
+DEFAULT_SHAPES = ("bert-base", "minilm", "modernbert-base", "gte-base", "minilm-lora", "mpnet-base")
 # --quick: every workload and every candidate, on light shapes (minutes, not an hour).
-QUICK_PLAN: dict[str, tuple[str, ...]] = {"minilm": ("text", "no-padding", "batch1"), "bert-small": ("sweep",)}
+QUICK_PLAN: dict[str, tuple[str, ...]] = {
+    "minilm": ("text", "no-padding", "batch1"), "bert-small": ("sweep",),
+    "minilm-lora": ("text",), "gte-small": ("text",),  # the layer-code path: an adapter, a rotary family
+}
 QUICK_REPEATS, DEFAULT_REPEATS = 3, 5
 # --quick times on one torch thread: on a machine busy with other work, every parallel region of a
 # multi-threaded forward waits for a descheduled thread, which slows millisecond-scale operations
@@ -690,9 +706,9 @@ def run(shapes: Sequence[str] | None = None, workloads: Sequence[str] | None = N
         threads: int | None = None, progress: bool = True) -> BenchResults:
     """Run the benchmark and return the results (nothing is printed but the progress bar).
 
-    Defaults: `bert-base` and `minilm`, each shape's workloads, every candidate, 5 repeats, peak
-    memory, torch's threads; with `quick`, `minilm` (text, no-padding, batch1) and `bert-small`
-    (sweep at 32 x 128), 3 repeats, 1 text batch, no peak memory, 1 thread.
+    Defaults: DEFAULT_SHAPES, each shape's workloads, every candidate (each shape runs those it
+    lists), 5 repeats, peak memory, torch's threads; with `quick`, QUICK_PLAN, 3 repeats, 1 text
+    batch, no peak memory, 1 thread.
     """
     settings = make_settings(shapes, workloads, candidates, repeats, quick, memory, text_batches, seed, threads)
     return run_settings(settings, progress)

@@ -94,6 +94,7 @@ def kernel_reason(layer: nn.Module, spec: EncoderSpec, kernel, roles: dict | Non
         and all(roles[role].weight is not None for role in _NORMS),
         plain_residuals=roles["layer_scale1"] is None and roles["layer_scale2"] is None
         and _default_scale(roles),
+        score_bias=spec.score_bias is not None,
     )
 
 
@@ -106,7 +107,7 @@ def _default_scale(roles: dict) -> bool:
 
 
 def call_reason(hidden, args: tuple, kwargs: dict, mask_index: int, mask_name: str = "attention_mask",
-                allowed: tuple[str, ...] = ()) -> str | None:
+                allowed: tuple[str, ...] = (), allowed_positions: tuple[int, ...] = ()) -> str | None:
     """Reasons that hold for every layer of this call: recording, grad inputs, autocast, tracing."""
     if type(hidden) is not torch.Tensor:
         return f"hidden states were a {type(hidden).__name__}, not a plain torch.Tensor"
@@ -124,7 +125,8 @@ def call_reason(hidden, args: tuple, kwargs: dict, mask_index: int, mask_name: s
                 and value is not False:
             return f"{name} was passed (only plain encoder self-attention is fused)"
     for position, value in enumerate(args, start=1):
-        if position != mask_index and value is not None and value is not False:
+        if position != mask_index and position not in allowed_positions and value is not None \
+                and value is not False:
             return f"positional argument {position} was passed ({type(value).__name__})"
     return None
 

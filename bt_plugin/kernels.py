@@ -79,8 +79,10 @@ class FastpathKernel:
     right_padded_only = True
 
     def static_reason(self, *, activation: str, num_heads: int, norm1_eps: float, norm2_eps: float,
-                      has_biases: bool, plain_residuals: bool = True) -> str | None:
+                      has_biases: bool, plain_residuals: bool = True, score_bias: bool = False) -> str | None:
         """Why this kernel can never serve a layer of this structure, or None."""
+        if score_bias:
+            return "the layer adds a relative position bias to the attention scores (fastpath cannot)"
         if not plain_residuals:
             return "the layer scales its residual branches or attention scores (fastpath cannot)"
         if activation not in self.activations:
@@ -136,6 +138,10 @@ class PackState:
     segments: list[tuple[int, int]]
     rows: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None  # (B, 1, 1, L): every row kept, padded keys masked
+    keep: torch.Tensor | None = None  # (B, L) real tokens, when padding was removed
+    score_bias: torch.Tensor | None = None  # the layer's additive score bias these masks came from
+    segment_masks: list[torch.Tensor] | None = None  # per segment: (1, H, n, n) bias among its tokens
+    batched_mask: torch.Tensor | None = None  # the same, stacked, when every segment has one length
 
 
 class PackedKernel:
@@ -150,9 +156,9 @@ class PackedKernel:
     }
 
     def static_reason(self, *, activation: str, num_heads: int, norm1_eps: float, norm2_eps: float,
-                      has_biases: bool, plain_residuals: bool = True) -> str | None:
-        """Packed computes any elementwise activation, head count, eps, missing bias and layer
-        scale exactly."""
+                      has_biases: bool, plain_residuals: bool = True, score_bias: bool = False) -> str | None:
+        """Packed computes any elementwise activation, head count, eps, missing bias, layer
+        scale and additive score bias exactly."""
         return None
 
     def input_reason(self, hidden: torch.Tensor) -> str | None:
@@ -175,7 +181,27 @@ class PackedKernel:
             starts.append(starts[-1] + count)
         segments = [(start, count) for start, count in zip(starts, counts) if count]
         rows = keep.reshape(-1).nonzero().squeeze(1)
-        return flat.index_select(0, rows), PackState(batch, length, segments, rows)
+        return flat.index_select(0, rows), PackState(batch, length, segments, rows, keep=keep)
+
+    @staticmethod
+    def with_score_bias(state: PackState, bias: torch.Tensor) -> None:
+        """Attach a layer's additive `(B or 1, H, L, L)` score bias (MPNet's relative positions):
+        each sequence gets the block among its real tokens (its padded keys masked when kept)."""
+        state.score_bias = bias
+        full = bias.expand(state.batch, bias.shape[1], state.length, state.length)
+        if state.rows is None:  # every row kept (nothing padded, or padded rows computed as stock)
+            if state.key_mask is not None:
+                full = full.masked_fill(~state.key_mask, torch.finfo(full.dtype).min)
+            state.segment_masks = list(full.split(1))
+            state.batched_mask = full
+            return
+        state.segment_masks = []
+        for row in range(state.batch):
+            real = state.keep[row].nonzero().squeeze(1)
+            if real.numel():
+                state.segment_masks.append(full[row:row + 1].index_select(2, real).index_select(3, real))
+        counts = {count for _, count in state.segments}
+        state.batched_mask = torch.cat(state.segment_masks) if len(counts) == 1 else None
 
     def unpack(self, carrier: torch.Tensor, state: PackState) -> torch.Tensor:
         """Restore `(B, L, E)`; padded positions are zeros."""
@@ -212,16 +238,19 @@ class PackedKernel:
         if not counts:  # no row has a real token: nothing to attend
             out = qkv.new_zeros(0, t.embed_dim)
         elif len(counts) == 1:  # equal lengths (e.g. nothing padded): one batched call
-            out = _sdpa(qkv, len(state.segments), counts.pop(), t, state.key_mask)
+            mask = state.batched_mask if state.score_bias is not None else state.key_mask
+            out = _sdpa(qkv, len(state.segments), counts.pop(), t, mask)
         else:
-            out = torch.cat([_sdpa(qkv[start:start + count], 1, count, t) for start, count in state.segments])
+            masks = state.segment_masks or [None] * len(state.segments)
+            out = torch.cat([_sdpa(qkv[start:start + count], 1, count, t, mask)
+                             for (start, count), mask in zip(state.segments, masks)])
         out = F.linear(out, t.out_proj_weight, t.out_proj_bias)
         return out * t.layer_scale1 if t.layer_scale1 is not None else out
 
 
 def _sdpa(qkv: torch.Tensor, batch: int, count: int, t: LayerTensors, key_mask=None) -> torch.Tensor:
-    """Attention of `batch` sequences of `count` tokens from their packed QKV rows (keys masked
-    only when padded rows are kept)."""
+    """Attention of `batch` sequences of `count` tokens from their packed QKV rows (`key_mask`: a
+    boolean key-padding mask when padded rows are kept, or an additive score bias)."""
     heads, size = t.num_heads, t.embed_dim // t.num_heads
     q, k, v = qkv.view(batch, count, 3, heads, size).permute(2, 0, 3, 1, 4).unbind(0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=t.attention_scale)

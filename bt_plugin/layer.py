@@ -237,9 +237,28 @@ def _stats(layer) -> LayerStats:
     return stats
 
 
-def _mask_argument(layer, args: tuple, kwargs: dict):
-    name, index = layer._bt_spec.mask_argument
+def _argument(args: tuple, kwargs: dict, name_and_index: tuple[str, int]):
+    name, index = name_and_index
     return args[index - 1] if len(args) >= index else kwargs.get(name)
+
+
+def _mask_argument(layer, args: tuple, kwargs: dict):
+    return _argument(args, kwargs, layer._bt_spec.mask_argument)
+
+
+def _score_bias(layer, args: tuple, kwargs: dict):
+    spec = layer._bt_spec
+    return _argument(args, kwargs, spec.score_bias) if spec.score_bias else None
+
+
+def _bias_reason(bias, batch: int, length: int) -> str | None:
+    if bias is None:
+        return None
+    if not isinstance(bias, torch.Tensor) or bias.dim() != 4 or not bias.is_floating_point():
+        return f"the score bias was not a 4-D float tensor ({type(bias).__name__})"
+    if bias.shape[0] not in (1, batch) or tuple(bias.shape[2:]) != (length, length):
+        return f"the score bias had shape {tuple(bias.shape)}, hidden states were ({batch}, {length})"
+    return None
 
 
 def _returned(layer, hidden: torch.Tensor, packed: bool = False):
@@ -302,6 +321,9 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict):
         carrier, state = kernel.pack(batch_first, keep, keep_padded_rows=True)
     else:
         carrier, state = kernel.pack(batch_first, keep)
+    bias = _score_bias(layer, args, kwargs)
+    if bias is not None:
+        kernel.with_score_bias(state, bias)
     out, reason = _run(kernel, layer, carrier, state, args, kwargs)
     if reason:
         return _stock(layer, reason, hidden, args, kwargs)
@@ -330,6 +352,9 @@ def _run(kernel, layer, carrier, state, args: tuple, kwargs: dict):
 
 def _continue_packed(layer, frame, args: tuple, kwargs: dict):
     """A later layer of a stack whose first layer packed the call (after checking every layer)."""
+    bias = _score_bias(layer, args, kwargs)
+    if bias is not None and bias is not frame.state.score_bias:  # MPNet hands every layer the same one
+        frame.kernel.with_score_bias(frame.state, bias)
     out, reason = _run(frame.kernel, layer, frame.carrier, frame.state, args, kwargs)
     if reason:  # leave the stack unpacked from here on; real tokens stay exact (keys masked)
         padded = frame.kernel.unpack(frame.carrier, frame.state)
@@ -348,7 +373,10 @@ def _eligible(layer, hidden, args, kwargs, mask):
     """`(kernel, note, keep, reason)`: the path, the key-padding mask to pack with, or why the
     stock forward must run."""
     spec = layer._bt_spec
-    reason = call_reason(hidden, args, kwargs, spec.mask_argument[1], spec.mask_argument[0], spec.layer_kwargs)
+    bias_name, bias_index = spec.score_bias or (None, None)
+    reason = call_reason(hidden, args, kwargs, spec.mask_argument[1], spec.mask_argument[0],
+                         spec.layer_kwargs + ((bias_name,) if bias_name else ()), (bias_index,) if bias_index else ())
+    reason = reason or _bias_reason(_score_bias(layer, args, kwargs), hidden.size(0), hidden.size(1))
     if reason:
         return None, None, None, reason
     kernel, note, reason = path_for(layer, hidden)

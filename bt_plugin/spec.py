@@ -54,6 +54,9 @@ class EncoderSpec:
             on packed real tokens (the `layercode` path, see `bt_plugin.layercode`) whenever a
             fused kernel cannot serve it: adapters, quantized linears, rotary / gated layers. A
             spec with no fused roles (query ... num_heads all None) is served by that path only.
+        score_bias: Name and positional index of a layer argument holding an additive
+            `(B or 1, H, L, L)` bias of the attention scores that depends on i - j only (MPNet's
+            relative positions): `packed` adds each sequence's block among its real tokens.
         layer_kwargs: Keyword arguments the encoder loop passes to every layer that the
             layer-code path packs with the hidden states (e.g. rotary `position_embeddings`).
         config_checks: Callables `config -> reason | None`; a reason leaves the model stock.
@@ -92,6 +95,7 @@ class EncoderSpec:
     reads_padding: bool = False
     head_reads: tuple[tuple[str, str], ...] = ()
     attention_interface: bool = False
+    score_bias: tuple[str, int] | None = None
     layer_kwargs: tuple[str, ...] = ()
     config_checks: tuple[ConfigCheck, ...] = field(default=())
     layer_checks: tuple[Callable[[Any], "str | None"], ...] = field(default=())

@@ -6,4 +6,4 @@ they are found however bt_plugin was installed; third-party families arrive thro
 entry-point group `bt_plugin.patches` (see `bt_plugin.registry`).
 """
 
-BUILTIN_FAMILIES = ("bert", "text", "vision", "audio", "seq2seq", "rotary")
+BUILTIN_FAMILIES = ("bert", "text", "vision", "audio", "seq2seq", "rotary", "relative")

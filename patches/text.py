@@ -19,7 +19,8 @@ Examined and left stock:
 - ibert: integer-only quantized modules (QuantLinear, IntLayerNorm, IntGELU).
 - xmod: per-language adapters inside each layer.
 - lilt, bros, luke: layout / bbox / entity streams inside the attention.
-- mpnet, roformer, deberta, deberta-v2, funnel: relative or rotary positions in the attention.
+- roformer, deberta, deberta-v2, funnel: relative or rotary positions in the attention (mpnet:
+  patches/relative.py).
 - convbert, mobilebert, squeezebert, longformer, nystromformer, yoso, mra: not a plain
   self-attention + FFN block (convolutions, bottlenecks, windowed or approximate attention).
 - nomic_bert, gte, eurobert, modernbert, jina_embeddings_v3: rotary embeddings and gated MLPs,

@@ -545,7 +545,7 @@ def test_decoder_flags_give_a_reason(model_type, flag):
 # model types examined and left out of patches/text.py (see its docstring for the reasons)
 REJECTED = (
     "flava_text_model", "canine", "big_bird",
-    "ibert", "xmod", "layoutlmv2", "layoutlmv3", "lilt", "bros", "luke", "mpnet", "roformer",
+    "ibert", "xmod", "layoutlmv2", "layoutlmv3", "lilt", "bros", "luke", "roformer",
     "convbert", "mobilebert", "squeezebert", "funnel", "longformer", "nystromformer", "yoso", "mra",
     "deberta", "deberta-v2", "ultrabert",
     "bridgetower_text_model", "xlm", "flaubert",

@@ -1,0 +1,132 @@
+"""Relative-position encoders (patches/relative.py): MPNet's position bias added per sequence by the
+packed kernel. Against stock transformers, realistic width, saved and reloaded."""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+import transformers
+
+import bt_plugin
+from bt_plugin.patches import relative
+
+import support
+
+ATOL = 1e-5
+CONFIG = dict(vocab_size=support.VOCAB, hidden_size=256, num_attention_heads=4, intermediate_size=1024,
+              num_hidden_layers=3, max_position_embeddings=130)
+PAD = 1  # MPNet's padding token (position ids count from it)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    cache = {}
+
+    def get(cls_name: str, kernel: str = "packed", attn_implementation: str | None = None):
+        key = (cls_name, kernel, attn_implementation)
+        if key not in cache:
+            cls = getattr(transformers, cls_name)
+            torch.manual_seed(0)
+            directory = tempfile.mkdtemp()
+            cls(transformers.MPNetConfig(**CONFIG)).save_pretrained(directory)
+            kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            stock = cls.from_pretrained(directory, **kwargs).eval()
+            with bt_plugin.enabled(kernel=kernel):
+                converted = cls.from_pretrained(directory, **kwargs).eval()
+            cache[key] = (stock, converted)
+        return cache[key]
+
+    return get
+
+
+def batch(lengths, side="right", seed=0):
+    ids, mask = support.padded_batch(lengths, seed=seed, pad_token=PAD)
+    return (ids.flip(1), mask.flip(1)) if side == "left" else (ids, mask)
+
+
+def run_both(stock, converted, **inputs):
+    before = [layer.fused_calls for layer in bt_plugin.explain(converted).layers]
+    with torch.inference_mode():
+        expected, actual = stock(**inputs), converted(**inputs)
+    report = bt_plugin.explain(converted)
+    for f0, layer in zip(before, report.layers):
+        assert layer.fused_calls == f0 + 1 and layer.fallback_calls == 0 and layer.kernel == "packed", str(report)
+    return expected, actual
+
+
+def close(want, got, mask):
+    diff = support.max_diff_on_real(want, got, mask if want.dim() >= 3 else None)
+    assert diff <= ATOL, f"max abs diff {diff:.2e}"
+
+
+def test_spec_resolves_and_declares_its_bias():
+    assert relative.MPNET.score_bias == ("position_bias", 2)
+    assert len(relative.MPNET.resolve_layer_classes()) == 1
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("attn_implementation", [None, "eager"])
+def test_padded_batch(side, attn_implementation, pairs):
+    stock, converted = pairs("MPNetModel", attn_implementation=attn_implementation)
+    ids, mask = batch([30, 5, 17, 1, 12], side)
+    expected, actual = run_both(stock, converted, input_ids=ids, attention_mask=mask)
+    close(expected.last_hidden_state, actual.last_hidden_state, mask)
+    close(expected.pooler_output, actual.pooler_output, None)
+    if side == "right":
+        assert bool((actual.last_hidden_state[~mask.bool()] == 0).all())  # padding removed
+
+
+@pytest.mark.parametrize("lengths", [[24, 24, 24], [9]])
+def test_no_padding_and_batch_of_one(lengths, pairs):
+    stock, converted = pairs("MPNetModel")
+    ids, mask = batch(lengths)
+    expected, actual = run_both(stock, converted, input_ids=ids, attention_mask=mask)
+    close(expected.last_hidden_state, actual.last_hidden_state, None)
+
+
+def test_output_hidden_states(pairs):
+    stock, converted = pairs("MPNetModel")
+    ids, mask = batch([25, 6, 14])
+    expected, actual = run_both(stock, converted, input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert len(expected.hidden_states) == len(actual.hidden_states) == CONFIG["num_hidden_layers"] + 1
+    for want, got in zip(expected.hidden_states, actual.hidden_states):
+        close(want, got, mask)
+
+
+@pytest.mark.parametrize("cls_name", ["MPNetForSequenceClassification", "MPNetForTokenClassification",
+                                      "MPNetForQuestionAnswering"])
+def test_task_heads(cls_name, pairs):
+    stock, converted = pairs(cls_name)
+    ids, mask = batch([30, 5, 17, 1])
+    expected, actual = run_both(stock, converted, input_ids=ids, attention_mask=mask)
+    every = bt_plugin.explain(converted).padded_positions.startswith("computed as stock")
+    for key, want in expected.items():
+        if isinstance(want, torch.Tensor):
+            close(want, actual[key], None if every else mask)
+
+
+def test_fastpath_leaves_mpnet_stock_with_the_reason(pairs):
+    stock, converted = pairs("MPNetModel", kernel="fastpath")
+    assert not bt_plugin.is_converted(converted)
+    assert "relative position bias" in bt_plugin.explain(converted, kernel="fastpath").layers[0].reason
+
+
+def test_output_attentions_runs_stock(pairs):
+    stock, converted = pairs("MPNetModel")
+    ids, mask = batch([12, 4])
+    with torch.inference_mode():
+        expected = stock(input_ids=ids, attention_mask=mask, output_attentions=True)
+        actual = converted(input_ids=ids, attention_mask=mask, output_attentions=True)
+    for want, got in zip(expected.attentions, actual.attentions):
+        assert torch.equal(want, got)
+    assert all(layer.reason and "output_attentions" in layer.reason for layer in bt_plugin.explain(converted).layers)
