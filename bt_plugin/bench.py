@@ -16,6 +16,8 @@ unmerged rank-8 LoRA adapter on every attention and feed-forward linear, for sto
 alike) and `gte-small` (hidden 256, 2 layers; `--quick`). Those run `stock` and `packed` only
 (`fastpath` would take the same layer-code path). `mpnet-base` (`MPNetConfig()` defaults): its
 relative position bias is added per sequence by `packed`; fastpath cannot, so it is not run.
+`deberta-v3-base` (DeBERTa-v3-base's settings) and `t5-base-encoder` (`T5Config()` defaults,
+`T5EncoderModel`): their layers run their own code on bins of whole sequences (`binned`).
 
 Workloads: `text` (batches of 32 paragraphs of real English, see `bt_plugin.corpus`, tokenized
 with the all-MiniLM-L6-v2 tokenizer, padded to the longest, truncated at 256), `no-padding`
@@ -116,6 +118,16 @@ SHAPES: dict[str, Shape] = {
     "mpnet-base": Shape("mpnet-base", {}, ("text", "no-padding", "batch1"), memory=False,
                         config_class="MPNetConfig", model_class="MPNetModel",
                         candidates=("stock", "stock-eager", "packed")),
+    # Their layers' own attention code on bins of whole sequences (binned).
+    "deberta-v3-base": Shape("deberta-v3-base", dict(relative_attention=True, position_buckets=256,
+                                                     max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
+                                                     norm_rel_ebd="layer_norm", share_att_key=True,
+                                                     max_position_embeddings=512, vocab_size=128100),
+                             ("text", "no-padding", "batch1"), memory=False, config_class="DebertaV2Config",
+                             model_class="DebertaV2Model", candidates=("stock", "packed")),
+    "t5-base-encoder": Shape("t5-base-encoder", dict(vocab_size=32128), ("text", "no-padding", "batch1"),
+                             memory=False, config_class="T5Config", model_class="T5EncoderModel",
+                             candidates=("stock", "packed")),
     "gte-small": Shape("gte-small", dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024,
                                          num_hidden_layers=2), memory=False, config_class="GteConfig",
                        model_class="GteModel", candidates=("stock", "packed")),
@@ -123,7 +135,8 @@ SHAPES: dict[str, Shape] = {
     "tiny": Shape("tiny", dict(hidden_size=32, num_attention_heads=2, intermediate_size=64,
                                num_hidden_layers=2), public=False),
 }
-DEFAULT_SHAPES = ("bert-base", "minilm", "modernbert-base", "gte-base", "minilm-lora", "mpnet-base")
+DEFAULT_SHAPES = ("bert-base", "minilm", "modernbert-base", "gte-base", "minilm-lora", "mpnet-base",
+                  "deberta-v3-base", "t5-base-encoder")
 # --quick: every workload and every candidate, on light shapes (minutes, not an hour).
 QUICK_PLAN: dict[str, tuple[str, ...]] = {
     "minilm": ("text", "no-padding", "batch1"), "bert-small": ("sweep",),

@@ -68,6 +68,7 @@ def plan(model: nn.Module, kernel: str = "auto") -> Plan:
             reason = structure_reason(layer, spec) or kernel_reason(layer, spec, kernels.get_kernel(concrete))
             if reason and layer_code_serves(layer, spec):
                 reason = None  # the layer's own code runs on the packed tokens instead (layercode)
+            reason = next((r for r in (check(layer) for check in spec.conversion_checks) if r), reason)
             result.layers.append(PlannedLayer(f"{path}.{index}", layer, path, reason))
     if not result.layers:
         names = ", ".join(c.__name__ for c in classes) or ", ".join(spec.layer_classes)

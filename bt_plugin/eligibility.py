@@ -66,7 +66,7 @@ def layer_code_serves(layer: nn.Module, spec: EncoderSpec) -> str | None:
     Kernel limits (fastpath's activations, head parity, dtypes) and layers that no longer match
     their spec (renamed upstream) keep their reasons: an explicit kernel choice is honoured.
     """
-    if not spec.attention_interface:
+    if not (spec.attention_interface or spec.binned):
         return None
     if not spec.has_fused_layout:
         return f"the {spec.name} spec has no fused layout (the layer runs its own code)"

@@ -257,9 +257,11 @@ def _sdpa(qkv: torch.Tensor, batch: int, count: int, t: LayerTensors, key_mask=N
     return out.transpose(1, 2).reshape(batch * count, t.embed_dim)
 
 
-from bt_plugin.layercode import LAYER_CODE  # noqa: E402  (imports nothing from here)
+from bt_plugin.binned import BINNED  # noqa: E402  (these import nothing from here)
+from bt_plugin.layercode import LAYER_CODE  # noqa: E402
 
-# `layercode` also serves, on any choice, the layers a fused kernel cannot compute (see layer.py).
+# `layercode` and `binned` also serve, on any choice, the layers a fused kernel cannot compute
+# (see layer.py); `binned` is not a choice of its own.
 KERNELS = {"fastpath": FastpathKernel(), "packed": PackedKernel(), "layercode": LAYER_CODE}
 # What "auto" picks per device type. CPU: packed (measured by `python -m bt_plugin bench`; the
 # fused C++ kernel loses much of its gain to nested-tensor conversions there). CUDA: fastpath,

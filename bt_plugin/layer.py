@@ -24,6 +24,7 @@ from bt_plugin.compat import recorded_outputs
 from bt_plugin.eligibility import call_reason, fused_reason, layer_code_serves, mode_reason
 from bt_plugin.heads import PaddedReads, padded_reads
 from bt_plugin.kernels import KERNELS, LayerTensors, get_kernel
+from bt_plugin.binned import BINNED, run_binned
 from bt_plugin.layercode import LAYER_CODE, run_layer
 from bt_plugin.masks import key_padding_mask, padding_reason
 from bt_plugin.spec import EncoderSpec, resolve_roles
@@ -261,14 +262,15 @@ def _bias_reason(bias, batch: int, length: int) -> str | None:
     return None
 
 
-def _returned(layer, hidden: torch.Tensor, packed: bool = False):
-    """In the stock layer's return convention: sequence-first layout, tensor or tuple."""
+def _returned(layer, hidden: torch.Tensor, packed: bool = False, tail: tuple | None = None):
+    """In the stock layer's return convention: sequence-first layout, tensor or tuple (`tail`:
+    what the layer's own code returned after the hidden states, e.g. T5's position bias)."""
     spec = layer._bt_spec
     if spec.sequence_first and not packed:
         hidden = hidden.transpose(0, 1)
     if not spec.returns_tuple:
         return hidden
-    return (hidden,) + (None,) * (spec.tuple_length - 1)
+    return (hidden,) + (tail if tail is not None else (None,) * (spec.tuple_length - 1))
 
 
 def _kernel_for(layer, hidden):
@@ -292,7 +294,7 @@ def path_for(layer, hidden) -> tuple[object | None, str | None, str | None]:
     served = None if refused else layer_code_serves(layer, spec)
     if not served:
         return None, None, refused or fused
-    return LAYER_CODE, served, None
+    return (LAYER_CODE if spec.attention_interface else BINNED), served, None
 
 
 def _dispatch(layer, hidden, args: tuple, kwargs: dict):
@@ -305,7 +307,7 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict):
     if served:
         # no padding and no fused kernel for this layer: its stock code is the padding-free path
         # (skipping the per-call checks keeps unpadded batches as fast as stock)
-        _stats(layer).fused(LAYER_CODE.name, served)
+        _stats(layer).fused((LAYER_CODE if layer._bt_spec.attention_interface else BINNED).name, served)
         return layer._bt_stock_class.forward(layer, hidden, *args, **kwargs)
     batch_first = hidden
     if layer._bt_spec.sequence_first and isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
@@ -313,11 +315,12 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict):
     kernel, note, keep, reason = _eligible(layer, batch_first, args, kwargs, mask)
     if reason:
         return _stock(layer, reason, hidden, args, kwargs)
-    if kernel is LAYER_CODE and (keep is None or padded_reads_of(layer).computes_padded_rows(keep)):
+    own_code = getattr(kernel, "runs_layer_code", False)
+    if own_code and (keep is None or padded_reads_of(layer).computes_padded_rows(keep)):
         # nothing to remove, or the model reads padded rows: the layer's own code on the batch
         _stats(layer).fused(kernel.name, note)
         return layer._bt_stock_class.forward(layer, hidden, *args, **kwargs)
-    if keep is not None and kernel is not LAYER_CODE and padded_reads_of(layer).computes_padded_rows(keep):
+    if keep is not None and not own_code and padded_reads_of(layer).computes_padded_rows(keep):
         carrier, state = kernel.pack(batch_first, keep, keep_padded_rows=True)
     else:
         carrier, state = kernel.pack(batch_first, keep)
@@ -330,8 +333,8 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict):
     _stats(layer).fused(kernel.name, note)
     if frame is not None and _stays_packed(layer, batch_first, kernel):
         frame.carrier, frame.state, frame.kernel = out, state, kernel
-        return _returned(layer, out, packed=True)  # the next layer of this stack continues on it
-    return _returned(layer, kernel.unpack(out, state))
+        return _returned(layer, out, packed=True, tail=getattr(state, "tail", None))  # the next layer continues
+    return _returned(layer, kernel.unpack(out, state), tail=getattr(state, "tail", None))
 
 
 def _stock(layer, reason: str, hidden, args: tuple, kwargs: dict):
@@ -342,9 +345,11 @@ def _stock(layer, reason: str, hidden, args: tuple, kwargs: dict):
 
 def _run(kernel, layer, carrier, state, args: tuple, kwargs: dict):
     """`(out, reason)`: one layer on the packed carrier (a layer-code call may refuse, once)."""
-    if kernel is not LAYER_CODE:
+    if not getattr(kernel, "runs_layer_code", False):
         return kernel.layer(carrier, layer_tensors(layer), state), None
-    out, reason = run_layer(layer, carrier, state, args, kwargs)
+    out, reason = (run_layer if kernel is LAYER_CODE else run_binned)(layer, carrier, state, args, kwargs)
+    if isinstance(out, tuple):  # the layer's own tuple: keep what follows the hidden states
+        out, state.tail = out[0], out[1:]
     if reason:  # structural: this layer will not take the path again
         layer.__dict__["_bt_layercode_reason"] = reason
     return out, reason
@@ -360,13 +365,13 @@ def _continue_packed(layer, frame, args: tuple, kwargs: dict):
         padded = frame.kernel.unpack(frame.carrier, frame.state)
         frame.carrier = None
         return _stock(layer, reason, padded, args, kwargs)
-    _stats(layer).fused(frame.kernel.name, path_for(layer, out)[1] if frame.kernel is LAYER_CODE else None)
+    _stats(layer).fused(frame.kernel.name, path_for(layer, out)[1] if getattr(frame.kernel, "runs_layer_code", False) else None)
     layers = live_layers(layer)
     if layers is None or layers[-1] is layer:
         frame.carrier = None
-        return _returned(layer, frame.kernel.unpack(out, frame.state))
+        return _returned(layer, frame.kernel.unpack(out, frame.state), tail=getattr(frame.state, "tail", None))
     frame.carrier = out
-    return _returned(layer, out, packed=True)
+    return _returned(layer, out, packed=True, tail=getattr(frame.state, "tail", None))
 
 
 def _eligible(layer, hidden, args, kwargs, mask):
@@ -375,7 +380,8 @@ def _eligible(layer, hidden, args, kwargs, mask):
     spec = layer._bt_spec
     bias_name, bias_index = spec.score_bias or (None, None)
     reason = call_reason(hidden, args, kwargs, spec.mask_argument[1], spec.mask_argument[0],
-                         spec.layer_kwargs + ((bias_name,) if bias_name else ()), (bias_index,) if bias_index else ())
+                         spec.layer_kwargs + ((bias_name,) if bias_name else ()),
+                         spec.layer_positions + ((bias_index,) if bias_index else ()))
     reason = reason or _bias_reason(_score_bias(layer, args, kwargs), hidden.size(0), hidden.size(1))
     if reason:
         return None, None, None, reason
@@ -384,7 +390,7 @@ def _eligible(layer, hidden, args, kwargs, mask):
         return None, None, None, reason
     if spec.mask_marks_padding and isinstance(mask, torch.Tensor) and mask.dim() == 2:
         mask = mask == 0  # legacy masks mark padding with 1/True
-    if kernel is LAYER_CODE:
+    if getattr(kernel, "runs_layer_code", False):
         keep, reason = LAYER_CODE.keep_mask(mask, hidden.size(0), hidden.size(1))
     else:
         keep, reason = key_padding_mask(mask, hidden.size(0), hidden.size(1))

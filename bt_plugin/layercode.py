@@ -49,6 +49,7 @@ class LayerCodeState:
     spans: list[tuple[int, int]]
     reals: list[torch.Tensor]
     _masks: dict = field(default_factory=dict)
+    tail: tuple | None = None  # what the layer returned after its hidden states
     _packed: dict = field(default_factory=dict)
 
 
@@ -140,7 +141,7 @@ LAYER_CODE = LayerCodeKernel()
 
 
 def run_layer(layer, carrier: torch.Tensor, state: LayerCodeState, args: tuple, kwargs: dict):
-    """`(hidden, reason)`: the stock forward of `layer` on the packed tokens, or a reason (then
+    """`(output, reason)`: the stock forward of `layer` on the packed tokens, or a reason (then
     nothing was computed that counts: the caller runs the stock forward on the padded batch)."""
     spec = layer._bt_spec
     name, index = spec.mask_argument
@@ -162,4 +163,4 @@ def run_layer(layer, carrier: torch.Tensor, state: LayerCodeState, args: tuple, 
         return None, "the layer did not call transformers' attention interface (its own attention code)"
     if segments.unsupported:
         return None, segments.unsupported[0]
-    return (out[0] if isinstance(out, tuple) else out), None
+    return out, None

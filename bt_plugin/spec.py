@@ -57,6 +57,15 @@ class EncoderSpec:
         score_bias: Name and positional index of a layer argument holding an additive
             `(B or 1, H, L, L)` bias of the attention scores that depends on i - j only (MPNet's
             relative positions): `packed` adds each sequence's block among its real tokens.
+        binned: Whether the layer's own attention code (not the attention interface) applies
+            the 4-D mask it is given to its scores, and everything it derives from positions for
+            the padded length depends on i - j only (DeBERTa). Then its own code runs on bins of
+            whole sequences with a block-diagonal mask (`bt_plugin.binned`).
+        layer_positions: Positional arguments (index, counting `hidden_states` as 0) the encoder loop
+            passes that the layer's own code handles on packed or binned tokens (T5's shared
+            position bias); the layer-code paths pass them through unchanged.
+        conversion_checks: Callables `layer -> reason | None` run when converting: a reason leaves
+            that layer stock (T5's decoder blocks share the encoder's block class).
         layer_kwargs: Keyword arguments the encoder loop passes to every layer that the
             layer-code path packs with the hidden states (e.g. rotary `position_embeddings`).
         config_checks: Callables `config -> reason | None`; a reason leaves the model stock.
@@ -96,6 +105,9 @@ class EncoderSpec:
     head_reads: tuple[tuple[str, str], ...] = ()
     attention_interface: bool = False
     score_bias: tuple[str, int] | None = None
+    binned: bool = False
+    layer_positions: tuple[int, ...] = ()
+    conversion_checks: tuple[Callable[[Any], "str | None"], ...] = field(default=())
     layer_kwargs: tuple[str, ...] = ()
     config_checks: tuple[ConfigCheck, ...] = field(default=())
     layer_checks: tuple[Callable[[Any], "str | None"], ...] = field(default=())

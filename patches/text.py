@@ -19,7 +19,7 @@ Examined and left stock:
 - ibert: integer-only quantized modules (QuantLinear, IntLayerNorm, IntGELU).
 - xmod: per-language adapters inside each layer.
 - lilt, bros, luke: layout / bbox / entity streams inside the attention.
-- roformer, deberta, deberta-v2, funnel: relative or rotary positions in the attention (mpnet:
+- roformer, funnel: rotary or relative positions in the attention (mpnet, deberta, deberta-v2:
   patches/relative.py).
 - convbert, mobilebert, squeezebert, longformer, nystromformer, yoso, mra: not a plain
   self-attention + FFN block (convolutions, bottlenecks, windowed or approximate attention).

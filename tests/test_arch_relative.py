@@ -130,3 +130,127 @@ def test_output_attentions_runs_stock(pairs):
     for want, got in zip(expected.attentions, actual.attentions):
         assert torch.equal(want, got)
     assert all(layer.reason and "output_attentions" in layer.reason for layer in bt_plugin.explain(converted).layers)
+
+
+# --------------------------------------------------------------------------------------------------
+# DeBERTa-v2 / DeBERTa (binned: the layer's own disentangled attention on bins of whole sequences)
+
+DEBERTA_V3 = dict(relative_attention=True, position_buckets=32, max_relative_positions=64,
+                  pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", share_att_key=True)  # v3's settings
+BINNED_CASES = {
+    "deberta-v2": ("DebertaV2Config", dict(CONFIG, **DEBERTA_V3), "DebertaV2Model",
+                   ("DebertaV2ForSequenceClassification", "DebertaV2ForTokenClassification")),
+    "deberta": ("DebertaConfig", dict(CONFIG, relative_attention=True, pos_att_type=["p2c", "c2p"]),
+                "DebertaModel", ("DebertaForSequenceClassification",)),
+    "t5": ("T5Config", dict(vocab_size=support.VOCAB, d_model=256, d_kv=64, d_ff=1024, num_layers=3,
+                            num_decoder_layers=2, num_heads=4, decoder_start_token_id=0),
+           "T5EncoderModel", ("T5ForConditionalGeneration",)),
+    "mt5": ("MT5Config", dict(vocab_size=support.VOCAB, d_model=256, d_kv=64, d_ff=1024, num_layers=3,
+                              num_decoder_layers=2, num_heads=4, decoder_start_token_id=0),
+            "MT5EncoderModel", ("MT5ForConditionalGeneration",)),
+    "umt5": ("UMT5Config", dict(vocab_size=support.VOCAB, d_model=256, d_kv=64, d_ff=1024, num_layers=3,
+                                num_decoder_layers=2, num_heads=4, decoder_start_token_id=0),
+             "UMT5EncoderModel", ("UMT5ForConditionalGeneration",)),
+}
+
+
+@pytest.fixture(scope="module")
+def binned_pairs():
+    cache = {}
+
+    def get(model_type: str, cls_name: str):
+        key = (model_type, cls_name)
+        if key not in cache:
+            config_class, values, _, _ = BINNED_CASES[model_type]
+            cls = getattr(transformers, cls_name)
+            torch.manual_seed(0)
+            directory = tempfile.mkdtemp()
+            cls(getattr(transformers, config_class)(**values)).save_pretrained(directory)
+            stock = cls.from_pretrained(directory).eval()
+            with bt_plugin.enabled():
+                converted = cls.from_pretrained(directory).eval()
+            cache[key] = (stock, converted)
+        return cache[key]
+
+    return get
+
+
+def binned_run(stock, converted, **inputs):
+    before = {layer.path: layer.fused_calls for layer in bt_plugin.explain(converted).layers}
+    with torch.inference_mode():
+        expected, actual = stock(**inputs), converted(**inputs)
+    report = bt_plugin.explain(converted)
+    served = [layer for layer in report.layers if layer.converted]
+    assert served, str(report)
+    for layer in served:
+        assert layer.fused_calls > before[layer.path] and layer.fallback_calls == 0, str(report)
+        assert layer.kernel == "binned" and layer.reason is None, str(report)
+    return expected, actual
+
+
+def token_batch(model, lengths, side="right", seed=0):
+    ids, mask = support.padded_batch(lengths, seed=seed, pad_token=model.config.pad_token_id or 0)
+    return (ids.flip(1), mask.flip(1)) if side == "left" else (ids, mask)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("model_type", list(BINNED_CASES))
+def test_binned_padded_batch(model_type, side, binned_pairs):
+    stock, converted = binned_pairs(model_type, BINNED_CASES[model_type][2])
+    ids, mask = token_batch(stock, [30, 5, 17, 1, 12], side)
+    expected, actual = binned_run(stock, converted, input_ids=ids, attention_mask=mask)
+    close(expected.last_hidden_state, actual.last_hidden_state, mask)
+
+
+@pytest.mark.parametrize("model_type", list(BINNED_CASES))
+def test_binned_no_padding_batch_of_one_and_hidden_states(model_type, binned_pairs):
+    stock, converted = binned_pairs(model_type, BINNED_CASES[model_type][2])
+    for lengths in ([20, 20, 20], [9]):
+        ids, mask = token_batch(stock, lengths)
+        expected, actual = binned_run(stock, converted, input_ids=ids, attention_mask=mask)
+        close(expected.last_hidden_state, actual.last_hidden_state, None)
+    ids, mask = token_batch(stock, [25, 6, 14])
+    expected, actual = binned_run(stock, converted, input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert len(expected.hidden_states) == len(actual.hidden_states)
+    for want, got in zip(expected.hidden_states, actual.hidden_states):
+        close(want, got, mask)
+
+
+def test_binned_packs_sequences_into_fewer_rows(binned_pairs):
+    from bt_plugin.binned import BINNED, first_fit
+
+    assert first_fit([30, 5, 17, 1, 12], 30) == [[0], [2, 4, 3], [1]]
+    stock, converted = binned_pairs("deberta-v2", "DebertaV2Model")
+    ids, mask = token_batch(stock, [30, 5, 17, 1, 12])
+    hidden = torch.randn(5, 30, 8)
+    carrier, state = BINNED.pack(hidden, mask.bool())
+    assert carrier.shape == (3, 30, 8)
+    back = BINNED.unpack(carrier, state)
+    assert torch.equal(back[mask.bool()], hidden[mask.bool()]) and bool((back[~mask.bool()] == 0).all())
+
+
+@pytest.mark.parametrize("model_type", ["deberta-v2", "deberta"])
+def test_deberta_task_heads(model_type, binned_pairs):
+    for cls_name in BINNED_CASES[model_type][3]:
+        stock, converted = binned_pairs(model_type, cls_name)
+        ids, mask = token_batch(stock, [30, 5, 17, 1])
+        expected, actual = binned_run(stock, converted, input_ids=ids, attention_mask=mask)
+        close(expected.logits, actual.logits, mask)
+
+
+@pytest.mark.parametrize("model_type", ["t5", "mt5", "umt5"])
+def test_t5_generate_and_encoder_outputs(model_type, binned_pairs):
+    stock, converted = binned_pairs(model_type, BINNED_CASES[model_type][3][0])
+    report = bt_plugin.explain(converted)
+    decoder = [layer for layer in report.layers if layer.path.startswith("decoder.")]
+    assert decoder and all(not layer.converted and "decoder block" in layer.reason for layer in decoder)
+    ids, mask = token_batch(stock, [30, 5, 17, 1, 12])
+    with torch.inference_mode():
+        want = stock.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = converted.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = stock.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        actual = converted.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    close(want, got, mask)
+    assert torch.equal(expected, actual)
+    encoder = [layer for layer in bt_plugin.explain(converted).layers if layer.converted]
+    assert all(layer.kernel == "binned" and layer.fused_calls >= 2 and layer.fallback_calls == 0 for layer in encoder)

@@ -547,7 +547,7 @@ REJECTED = (
     "flava_text_model", "canine", "big_bird",
     "ibert", "xmod", "layoutlmv2", "layoutlmv3", "lilt", "bros", "luke", "roformer",
     "convbert", "mobilebert", "squeezebert", "funnel", "longformer", "nystromformer", "yoso", "mra",
-    "deberta", "deberta-v2", "ultrabert",
+    "ultrabert",
     "bridgetower_text_model", "xlm", "flaubert",
 )
 
