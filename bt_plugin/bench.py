@@ -14,8 +14,9 @@ and loaded by every candidate), `minilm` (the real all-MiniLM-L6-v2 checkpoint),
 `gte-base` (their configs' defaults, random weights), `minilm-lora` (all-MiniLM-L6-v2 with the same
 unmerged rank-8 LoRA adapter on every attention and feed-forward linear, for stock and bt_plugin
 alike) and `gte-small` (hidden 256, 2 layers; `--quick`). Those run `stock` and `packed` only
-(`fastpath` would take the same layer-code path). `mpnet-base` (`MPNetConfig()` defaults): its
-relative position bias is added per sequence by `packed`; fastpath cannot, so it is not run.
+(`fastpath` would take the same layer-code path). `mpnet-base` (`MPNetConfig()` defaults, eager
+attention: MPNet has no sdpa): its relative position bias is added per sequence by `packed`;
+fastpath cannot, so it is not run.
 `deberta-v3-base` (DeBERTa-v3-base's settings) and `t5-base-encoder` (`T5Config()` defaults,
 `T5EncoderModel`): their layers run their own code on bins of whole sequences (`binned`).
 
@@ -95,6 +96,7 @@ class Shape:
     model_class: str = "BertModel"
     adapter: bool = False  # every candidate gets the same unmerged LoRA adapter (see with_adapter)
     candidates: tuple[str, ...] | None = None  # None: every selected candidate
+    attn_implementation: str | None = None  # for every candidate (a model without sdpa: "eager")
 
     def runs(self, candidate: str) -> bool:
         return self.candidates is None or candidate in self.candidates
@@ -117,14 +119,15 @@ SHAPES: dict[str, Shape] = {
     # MPNet's relative position bias is added per sequence by `packed` (fastpath cannot).
     "mpnet-base": Shape("mpnet-base", {}, ("text", "no-padding", "batch1"), memory=False,
                         config_class="MPNetConfig", model_class="MPNetModel",
-                        candidates=("stock", "stock-eager", "packed")),
+                        candidates=("stock", "packed"), attn_implementation="eager"),  # MPNet has no sdpa
     # Their layers' own attention code on bins of whole sequences (binned).
     "deberta-v3-base": Shape("deberta-v3-base", dict(relative_attention=True, position_buckets=256,
                                                      max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
                                                      norm_rel_ebd="layer_norm", share_att_key=True,
                                                      max_position_embeddings=512, vocab_size=128100),
                              ("text", "no-padding", "batch1"), memory=False, config_class="DebertaV2Config",
-                             model_class="DebertaV2Model", candidates=("stock", "packed")),
+                             model_class="DebertaV2Model", candidates=("stock", "packed"),
+                             attn_implementation="eager"),  # DeBERTa has no sdpa
     "t5-base-encoder": Shape("t5-base-encoder", dict(vocab_size=32128), ("text", "no-padding", "batch1"),
                              memory=False, config_class="T5Config", model_class="T5EncoderModel",
                              candidates=("stock", "packed")),
@@ -433,16 +436,19 @@ def unavailable_reason(candidate: str) -> str | None:
     return None
 
 
-def load_candidate(source: str, candidate: str, adapter: bool = False) -> nn.Module:
+def load_candidate(source: str, candidate: str, adapter: bool = False, attention: str | None = None,
+                   model_class: str = "AutoModel") -> nn.Module:
     """Load `source` the way `candidate` runs it; raises Unavailable for an unknown kernel."""
     import bt_plugin
+    import transformers
     from transformers import AutoModel
 
     reason = unavailable_reason(candidate)
     if reason:
         raise Unavailable(reason)
-    attention, kernel = CANDIDATES[candidate]
-    model = AutoModel.from_pretrained(source, attn_implementation=attention).eval()
+    default_attention, kernel = CANDIDATES[candidate]
+    loader = AutoModel if model_class == "AutoModel" else getattr(transformers, model_class)
+    model = loader.from_pretrained(source, attn_implementation=attention or default_attention).eval()
     if bt_plugin.is_converted(model):  # BT_PLUGIN=1 in the environment converts every load
         bt_plugin.revert(model)
     if kernel is not None:
@@ -555,12 +561,13 @@ def others_cpu_share(before, after) -> float | None:
     return min(1.0, max(0.0, others / ((after[2] - before[2]) * (os.cpu_count() or 1))))
 
 
-def load_candidates(source: str, names: Iterable[str], adapter: bool = False) -> tuple[dict[str, nn.Module], dict[str, str]]:
+def load_candidates(source: str, names: Iterable[str], shape: Shape) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """The models of the available candidates, and why the others are unavailable."""
     models, unavailable = {}, {}
     for name in names:
         try:
-            models[name] = load_candidate(source, name, adapter)
+            models[name] = load_candidate(source, name, shape.adapter, shape.attn_implementation,
+                                          "AutoModel" if shape.config is None else shape.model_class)
         except Unavailable as error:
             unavailable[name] = str(error)
     return models, unavailable
@@ -574,7 +581,7 @@ def shape_candidates(shape: str, settings: Settings) -> list[str]:
 def run_shape(shape: str, cases: list[Case], settings: Settings, source: str, bar) -> list[CaseResult]:
     """Load every candidate of one shape (same checkpoint, same weights) and time its cases."""
     names = shape_candidates(shape, settings)
-    models, unavailable = load_candidates(source, names, SHAPES[shape].adapter)
+    models, unavailable = load_candidates(source, names, SHAPES[shape])
     bar.total -= len(unavailable) * settings.repeats * len(cases)
     bar.refresh()
     results = []

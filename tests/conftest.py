@@ -10,3 +10,15 @@ def _plugin_off_after_each_test():
     yield
     bt_plugin.disable()
     assert not patching.is_patched()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny inputs: one intra-op thread avoids OpenMP spinning on a busy 2-core machine. Modules
+    opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -63,3 +63,14 @@ def max_diff_on_real(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None
         return (a - b).abs().max().item()
     real = mask.bool()
     return (a[real] - b[real]).abs().max().item()
+
+
+class Wrapped(torch.nn.Module):
+    """A replaced projection: what an adapter (unmerged LoRA, a quantized linear) looks like to bt_plugin."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)

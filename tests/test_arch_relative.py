@@ -20,12 +20,7 @@ CONFIG = dict(vocab_size=support.VOCAB, hidden_size=256, num_attention_heads=4, 
 PAD = 1  # MPNet's padding token (position ids count from it)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ LENGTHS = [30, 5, 17, 1, 12]
 LORA_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -101,17 +96,6 @@ def test_quantize_dynamic_runs_padding_free_close_to_stock_int8(bert_dir):
     assert_ran_layer_code(converted, "quantized")
 
 
-class Wrapped(torch.nn.Module):
-    """A replaced projection (what an adapter looks like to bt_plugin)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return self.inner(x)
-
-
 def self_made_attention(module, hidden_states, attention_mask=None, **kwargs):
     """BERT self-attention written out by hand (no attention interface), as a fork might do."""
     shape = (*hidden_states.shape[:-1], -1, module.attention_head_size)
@@ -125,7 +109,7 @@ def test_a_layer_that_bypasses_the_attention_interface_is_refused(bert_dir):
     stock, converted = load(bert_dir, False), load(bert_dir, True)
     for model in (stock, converted):
         attention = model.bert.encoder.layer[1].attention.self
-        attention.query = Wrapped(attention.query)
+        attention.query = support.Wrapped(attention.query)
         attention.forward = types.MethodType(self_made_attention, attention)
     ids, mask = support.padded_batch(LENGTHS, pad_token=0)
     for _ in range(2):

@@ -73,31 +73,15 @@ CASES = {
 }
 
 
-class Wrapped(torch.nn.Module):
-    """A replaced projection, as an adapter looks to bt_plugin."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        return self.inner(x)
-
-
 def wrap_queries(model, spec) -> None:
     for layer in model.modules():
         if isinstance(layer, spec.resolve_layer_classes()):
             owner_path, _, name = spec.query.rpartition(".")
             owner = resolve_path(layer, owner_path) if owner_path else layer
-            setattr(owner, name, Wrapped(getattr(owner, name)))
+            setattr(owner, name, support.Wrapped(getattr(owner, name)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_the_cases_cover_every_padded_family_with_the_attention_interface():

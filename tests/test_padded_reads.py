@@ -33,12 +33,7 @@ AUDIO_EVERY_FRAME = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def load_pair(cls, config, kernel: str = "packed", seed: int = 0):

@@ -148,6 +148,17 @@ def _assert_close(expected, actual, mask) -> None:
     assert diff <= ATOL, f"max abs diff on real tokens {diff:.3g} > {ATOL}"
 
 
+def _assert_padded_positions(expected, actual, mask) -> None:
+    """Padding removed (zeros), unless the pooler reads position 0 and it is padding in some row:
+    then padded rows are computed as stock. The pooler output equals stock either way."""
+    if getattr(expected, "pooler_output", None) is not None:
+        assert (expected.pooler_output - actual.pooler_output).abs().max().item() <= ATOL
+    if bool(mask[:, 0].all()):
+        _assert_padding_zero(actual.last_hidden_state, mask)
+    else:
+        _assert_close(expected.last_hidden_state, actual.last_hidden_state, torch.ones_like(mask))
+
+
 def _assert_padding_zero(actual, mask) -> None:
     if mask is not None and not bool(mask.bool().all()):
         assert bool((actual[~mask.bool()] == 0).all()), "fused output is not zero at padded positions"
@@ -299,12 +310,7 @@ def test_eager_attention(model_type, pairs):
     ids, mask = padded_batch([7, 3, 1, 12, 5], seed=10, pad_token=_pad_id(stock))
     expected, actual = _run_both(stock, fused, input_ids=ids, attention_mask=mask)
     _assert_close(expected.last_hidden_state, actual.last_hidden_state, mask)
-    if getattr(expected, "pooler_output", None) is not None:
-        assert (expected.pooler_output - actual.pooler_output).abs().max().item() <= ATOL
-    if bool(mask[:, 0].all()):
-        _assert_padding_zero(actual.last_hidden_state, mask)  # padding removed
-    else:  # the pooler reads position 0, padding in some row: padded rows computed as stock
-        _assert_close(expected.last_hidden_state, actual.last_hidden_state, torch.ones_like(mask))
+    _assert_padded_positions(expected, actual, mask)
     # and with no padding at all
     ids, mask = padded_batch([6, 6], seed=11, pad_token=_pad_id(stock))
     expected, actual = _run_both(stock, fused, input_ids=ids, attention_mask=mask)
@@ -450,12 +456,7 @@ def test_packed_serves_any_key_padding_mask(model_type, case, saved):
     ids = torch.cat([ids[:1], ids[:1], ids[1:]]) if case == "row_without_real_tokens" else ids
     expected, actual = _run_both(stock, fused, input_ids=ids, attention_mask=mask)
     _assert_close(expected.last_hidden_state, actual.last_hidden_state, mask)
-    if getattr(expected, "pooler_output", None) is not None:
-        assert (expected.pooler_output - actual.pooler_output).abs().max().item() <= ATOL
-    if bool(mask[:, 0].all()):
-        _assert_padding_zero(actual.last_hidden_state, mask)  # padding removed
-    else:  # the pooler reads position 0, padding in some row: padded rows computed as stock
-        _assert_close(expected.last_hidden_state, actual.last_hidden_state, torch.ones_like(mask))
+    _assert_padded_positions(expected, actual, mask)
 
 
 # --------------------------------------------------------------------------------------------
