@@ -25,6 +25,10 @@ HARMLESS_KWARGS = frozenset({
 })
 
 
+def _no_fused_layout(spec: EncoderSpec) -> str:
+    return f"the {spec.name} spec has no fused layout (the layer runs its own code)"
+
+
 def _roles_or_reason(layer: nn.Module, spec: EncoderSpec) -> tuple[dict | None, str | None]:
     """`(roles, None)`, or `(None, reason)` when a spec path no longer resolves on the layer."""
     try:
@@ -36,7 +40,7 @@ def _roles_or_reason(layer: nn.Module, spec: EncoderSpec) -> tuple[dict | None, 
 def structure_reason(layer: nn.Module, spec: EncoderSpec, roles: dict | None = None) -> str | None:
     """Whether the layer still has the structure the spec describes (exact module types, shapes)."""
     if not spec.has_fused_layout:
-        return f"the {spec.name} spec has no fused layout (the layer runs its own code)"
+        return _no_fused_layout(spec)
     if roles is None:
         roles, reason = _roles_or_reason(layer, spec)
         if reason:
@@ -69,7 +73,7 @@ def layer_code_serves(layer: nn.Module, spec: EncoderSpec) -> str | None:
     if not (spec.attention_interface or spec.binned):
         return None
     if not spec.has_fused_layout:
-        return f"the {spec.name} spec has no fused layout (the layer runs its own code)"
+        return _no_fused_layout(spec)
     roles, reason = _roles_or_reason(layer, spec)
     if reason:
         return None
@@ -152,7 +156,7 @@ def mode_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor) -> st
 def fused_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor, kernel) -> str | None:
     """Reasons a fused kernel cannot compute this layer: its structure, dtype/device, kernel limits."""
     if not spec.has_fused_layout:
-        return f"the {spec.name} spec has no fused layout (the layer runs its own code)"
+        return _no_fused_layout(spec)
     roles, reason = _roles_or_reason(layer, spec)
     reason = reason or structure_reason(layer, spec, roles) or kernel.input_reason(hidden)
     if reason:

@@ -23,8 +23,8 @@ from bt_plugin.activations import activation_name
 from bt_plugin.compat import recorded_outputs
 from bt_plugin.eligibility import call_reason, fused_reason, layer_code_serves, mode_reason
 from bt_plugin.heads import PaddedReads, padded_reads
-from bt_plugin.kernels import KERNELS, LayerTensors, get_kernel
 from bt_plugin.binned import BINNED, run_binned
+from bt_plugin.kernels import KERNELS, LayerTensors, get_kernel
 from bt_plugin.layercode import LAYER_CODE, run_layer
 from bt_plugin.masks import key_padding_mask, padding_reason
 from bt_plugin.spec import EncoderSpec, resolve_roles
@@ -278,6 +278,16 @@ def _kernel_for(layer, hidden):
     return get_kernel(layer.__dict__.get("_bt_kernel", "auto"), device)
 
 
+def _own_code_kernel(spec: EncoderSpec):
+    """The path that runs a layer's own code for this spec: per-sequence attention through the
+    attention interface, or bins of whole sequences."""
+    return LAYER_CODE if spec.attention_interface else BINNED
+
+
+def _runs_own_code(kernel) -> bool:
+    return getattr(kernel, "runs_layer_code", False)
+
+
 def path_for(layer, hidden) -> tuple[object | None, str | None, str | None]:
     """`(kernel, note, reason)` for this call: the chosen fused kernel when it can compute the
     layer; else the layer's own code on packed tokens (`note` says why) when its spec allows;
@@ -294,7 +304,7 @@ def path_for(layer, hidden) -> tuple[object | None, str | None, str | None]:
     served = None if refused else layer_code_serves(layer, spec)
     if not served:
         return None, None, refused or fused
-    return (LAYER_CODE if spec.attention_interface else BINNED), served, None
+    return _own_code_kernel(spec), served, None
 
 
 def _dispatch(layer, hidden, args: tuple, kwargs: dict):
@@ -307,7 +317,7 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict):
     if served:
         # no padding and no fused kernel for this layer: its stock code is the padding-free path
         # (skipping the per-call checks keeps unpadded batches as fast as stock)
-        _stats(layer).fused((LAYER_CODE if layer._bt_spec.attention_interface else BINNED).name, served)
+        _stats(layer).fused(_own_code_kernel(layer._bt_spec).name, served)
         return layer._bt_stock_class.forward(layer, hidden, *args, **kwargs)
     batch_first = hidden
     if layer._bt_spec.sequence_first and isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
@@ -315,7 +325,7 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict):
     kernel, note, keep, reason = _eligible(layer, batch_first, args, kwargs, mask)
     if reason:
         return _stock(layer, reason, hidden, args, kwargs)
-    own_code = getattr(kernel, "runs_layer_code", False)
+    own_code = _runs_own_code(kernel)
     if own_code and (keep is None or padded_reads_of(layer).computes_padded_rows(keep)):
         # nothing to remove, or the model reads padded rows: the layer's own code on the batch
         _stats(layer).fused(kernel.name, note)
@@ -345,7 +355,7 @@ def _stock(layer, reason: str, hidden, args: tuple, kwargs: dict):
 
 def _run(kernel, layer, carrier, state, args: tuple, kwargs: dict):
     """`(out, reason)`: one layer on the packed carrier (a layer-code call may refuse, once)."""
-    if not getattr(kernel, "runs_layer_code", False):
+    if not _runs_own_code(kernel):
         return kernel.layer(carrier, layer_tensors(layer), state), None
     out, reason = (run_layer if kernel is LAYER_CODE else run_binned)(layer, carrier, state, args, kwargs)
     if isinstance(out, tuple):  # the layer's own tuple: keep what follows the hidden states
@@ -365,7 +375,9 @@ def _continue_packed(layer, frame, args: tuple, kwargs: dict):
         padded = frame.kernel.unpack(frame.carrier, frame.state)
         frame.carrier = None
         return _stock(layer, reason, padded, args, kwargs)
-    _stats(layer).fused(frame.kernel.name, path_for(layer, out)[1] if getattr(frame.kernel, "runs_layer_code", False) else None)
+    # the note is why no fused kernel serves the layer (what path_for reported for it in _stays_packed)
+    note = layer_code_serves(layer, layer._bt_spec) if _runs_own_code(frame.kernel) else None
+    _stats(layer).fused(frame.kernel.name, note)
     layers = live_layers(layer)
     if layers is None or layers[-1] is layer:
         frame.carrier = None
@@ -390,7 +402,7 @@ def _eligible(layer, hidden, args, kwargs, mask):
         return None, None, None, reason
     if spec.mask_marks_padding and isinstance(mask, torch.Tensor) and mask.dim() == 2:
         mask = mask == 0  # legacy masks mark padding with 1/True
-    if getattr(kernel, "runs_layer_code", False):
+    if _runs_own_code(kernel):
         keep, reason = LAYER_CODE.keep_mask(mask, hidden.size(0), hidden.size(1))
     else:
         keep, reason = key_padding_mask(mask, hidden.size(0), hidden.size(1))
