@@ -358,11 +358,13 @@ def _run(kernel, layer, carrier, state, args: tuple, kwargs: dict):
     if not _runs_own_code(kernel):
         return kernel.layer(carrier, layer_tensors(layer), state), None
     out, reason = (run_layer if kernel is LAYER_CODE else run_binned)(layer, carrier, state, args, kwargs)
+    if reason:
+        if out is not None:  # refused after running (it bypassed the attention interface): for good
+            layer.__dict__["_bt_layercode_reason"] = reason
+        return None, reason  # a mask refused before running concerns this call only
     if isinstance(out, tuple):  # the layer's own tuple: keep what follows the hidden states
         out, state.tail = out[0], out[1:]
-    if reason:  # structural: this layer will not take the path again
-        layer.__dict__["_bt_layercode_reason"] = reason
-    return out, reason
+    return out, None
 
 
 def _continue_packed(layer, frame, args: tuple, kwargs: dict):

@@ -141,8 +141,9 @@ LAYER_CODE = LayerCodeKernel()
 
 
 def run_layer(layer, carrier: torch.Tensor, state: LayerCodeState, args: tuple, kwargs: dict):
-    """`(output, reason)`: the stock forward of `layer` on the packed tokens, or a reason (then
-    nothing was computed that counts: the caller runs the stock forward on the padded batch)."""
+    """`(output, reason)`: the stock forward of `layer` on the packed tokens, or a reason: then the
+    caller runs the stock forward on the padded batch. A reason with `output` None concerns this
+    call (its mask); with an output, the layer itself (it bypassed the attention interface)."""
     spec = layer._bt_spec
     name, index = spec.mask_argument
     args = list(args)
@@ -159,8 +160,9 @@ def run_layer(layer, carrier: torch.Tensor, state: LayerCodeState, args: tuple, 
     segments = Segments(segments.spans, segments.masks)  # a fresh call counter
     with attending_within(segments):
         out = layer._bt_stock_class.forward(layer, carrier, *args, **kwargs)
+    # refused after running: `out` is returned (not used) so the caller knows the refusal is for good
     if segments.calls == 0:
-        return None, "the layer did not call transformers' attention interface (its own attention code)"
+        return out, "the layer did not call transformers' attention interface (its own attention code)"
     if segments.unsupported:
-        return None, segments.unsupported[0]
+        return out, segments.unsupported[0]
     return out, None

@@ -249,3 +249,41 @@ def test_t5_generate_and_encoder_outputs(model_type, binned_pairs):
     assert torch.equal(expected, actual)
     encoder = [layer for layer in bt_plugin.explain(converted).layers if layer.converted]
     assert all(layer.kernel == "binned" and layer.fused_calls >= 2 and layer.fallback_calls == 0 for layer in encoder)
+
+
+def test_a_score_bias_of_the_wrong_shape_runs_stock_with_the_reason(pairs):
+    stock, converted = pairs("MPNetModel")
+    layer, stock_layer = converted.encoder.layer[0], stock.encoder.layer[0]
+    hidden = torch.randn(2, 6, CONFIG["hidden_size"])
+    bias = torch.randn(1, CONFIG["num_attention_heads"], 5, 5)  # for 5 tokens, not 6
+    with torch.inference_mode(), pytest.raises(RuntimeError):
+        stock_layer(hidden, None, bias)  # stock cannot add it either: the call must still be stock's
+    with torch.inference_mode(), pytest.raises(RuntimeError):
+        layer(hidden, None, bias)
+    assert "the score bias had shape (1, 4, 5, 5)" in bt_plugin.explain(converted).layers[0].reason
+
+
+def test_binned_refuses_a_mask_that_is_not_key_padding(binned_pairs):
+    stock, converted = binned_pairs("deberta-v2", "DebertaV2Model")
+    layer, stock_layer = converted.encoder.layer[0], stock.encoder.layer[0]
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 6, CONFIG["hidden_size"])
+    causal = torch.ones(6, 6, dtype=torch.long).tril()[None, None].expand(2, 1, 6, 6).clone()
+    causal[1, :, :, 4:] = 0  # and padding, so there is something to remove
+    causal[1, :, 4:, :] = 0
+    rel = converted.encoder.get_rel_embedding()
+    pos = converted.encoder.get_rel_pos(hidden)
+    with torch.inference_mode():
+        want = stock_layer(hidden, causal, relative_pos=pos, rel_embeddings=rel)[0]
+        got = converted.encoder.layer[0](hidden, causal, relative_pos=pos, rel_embeddings=rel)[0]
+    assert torch.equal(want, got)
+    assert "restricted real tokens further than padding" in bt_plugin.explain(converted).layers[0].reason
+    assert "_bt_layercode_reason" not in layer.__dict__  # a refused mask concerns that call only
+    ids, mask = token_batch(stock, [30, 5, 17])
+    before = bt_plugin.explain(converted).layers[0]
+    with torch.inference_mode():
+        expected, actual = stock(input_ids=ids, attention_mask=mask), converted(input_ids=ids, attention_mask=mask)
+    after = bt_plugin.explain(converted).layers[0]
+    assert after.fused_calls == before.fused_calls + 1 and after.fallback_calls == before.fallback_calls
+    assert after.kernel == "binned" and after.reason is None
+    close(expected.last_hidden_state, actual.last_hidden_state, mask)
