@@ -1,7 +1,9 @@
 """Attention per sequence on packed tokens, for layers that run their own code on them.
 
 transformers' attention modules look up their attention function with
-`ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)`.
+`ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)`
+(before that method existed: `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`, skipped for
+"eager"; `bt_plugin.compat.attention_lookup` says which).
 While a layer runs its stock code on packed real tokens (`[1, T, E]`, see `bt_plugin.layercode`),
 that lookup returns `packed_attention` in this context only (a ContextVar: other threads, other
 models and every other call are untouched). `packed_attention` runs SDPA per sequence over
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from bt_plugin.compat import attention_lookup
 
 
 @dataclass
@@ -79,7 +83,8 @@ def _get_interface_wrapper(wrapped, instance, args, kwargs):
 
 
 def install() -> None:
-    """Wrap `AttentionInterface.get_interface` once (idempotent, thread-safe)."""
+    """Wrap the attention lookup once (idempotent, thread-safe); a no-op where this transformers
+    has none (then no layer calls `packed_attention`, and the layer-code path refuses)."""
     global _installed
     if _installed:
         return
@@ -87,7 +92,9 @@ def install() -> None:
         if not _installed:
             import wrapt
 
-            wrapt.wrap_function_wrapper(
-                "transformers.modeling_utils", "AttentionInterface.get_interface", _get_interface_wrapper
-            )
+            method, _ = attention_lookup()
+            if method is not None:
+                wrapt.wrap_function_wrapper(
+                    "transformers.modeling_utils", f"AttentionInterface.{method}", _get_interface_wrapper
+                )
             _installed = True

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bt_plugin.calls import argument_name
 from bt_plugin.layercode import attend_matrix
 
 
@@ -32,7 +33,6 @@ class BinState:
     dst: torch.Tensor  # flat positions in bins * L, same order
     segment: torch.Tensor  # (bins, L): index of the sequence at each slot, -1 for bin padding
     _masks: dict
-    tail: tuple | None = None  # what the layer returned after its hidden states (T5's position bias)
 
 
 def first_fit(counts: list[int], capacity: int) -> list[list[int]]:
@@ -123,17 +123,14 @@ class BinnedKernel:
 BINNED = BinnedKernel()
 
 
-def run_binned(layer, carrier: torch.Tensor, state: BinState, args: tuple, kwargs: dict):
-    """`(output, reason)`: the stock forward of `layer` on the bins, with the block-diagonal mask."""
-    name, index = layer._bt_spec.mask_argument
-    args = list(args)
-    mask = args[index - 1] if len(args) >= index else kwargs.get(name)
-    binned, reason = BINNED.bin_mask(mask, state)
+def run_binned(layer, carrier: torch.Tensor, state: BinState, named: dict):
+    """`(output, reason)`: the stock forward of `layer` on the bins, with the block-diagonal mask
+    (`named`: the call's arguments by name, `bt_plugin.calls.bind`)."""
+    name = argument_name(layer._bt_stock_class, layer._bt_spec.mask_argument)
+    binned, reason = BINNED.bin_mask(named.get(name), state)
     if reason:
         return None, reason
-    if len(args) >= index:
-        args[index - 1] = binned
-    else:
-        kwargs = {**kwargs, name: binned}
-    out = layer._bt_stock_class.forward(layer, carrier, *args, **kwargs)
+    arguments = {key: value for key, value in named.items() if not key.startswith("*")}
+    arguments[name] = binned
+    out = layer._bt_stock_class.forward(layer, carrier, **arguments)
     return out, None

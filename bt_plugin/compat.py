@@ -1,13 +1,67 @@
 """The transformers-version-specific facts bt_plugin depends on, in one place.
 
-transformers 5 records `output_hidden_states` / `output_attentions` with forward hooks that stay
-installed after the first call that asked for them; they record only when the current call's
-collector holds their key. So "a hook is installed" does not mean "this call records".
+What changes between the versions bt_plugin supports (4.48 ... 5.x) and where it is handled:
+
+- How hidden states and attentions are collected. transformers 5 records `output_hidden_states` /
+  `output_attentions` with forward hooks that stay installed after the first call that asked for
+  them; they record only when the current call's collector holds their key, so "a hook is
+  installed" does not mean "this call records" (`recorded_outputs`). Encoders written before the
+  recorders collect in their own loop from each layer's return value; the loop's
+  `output_hidden_states` argument or the model config says whether it does (`loop_collects`).
+- How a layer is called and what it returns (positional `head_mask` / `output_attentions`, tuple
+  or tensor): read off each stock layer class itself, see `bt_plugin.calls`. Arguments renamed
+  between versions are listed in `ARGUMENT_RENAMES`.
+- Attribute paths renamed between versions (ViT's `attention.attention.query` became
+  `attention.q_proj`): the specs list the other layouts (`EncoderSpec.other_layouts`).
+- How attention functions are looked up (`attention_lookup`): `get_interface` since 5.x,
+  `ALL_ATTENTION_FUNCTIONS[name]` before, a plain dict with no interface class in 4.48.
+- Which model types exist: a family whose layer classes are missing is skipped by the registry
+  with a reason (`bt_plugin.registry.absent_families`).
+- Masks: 4.x passes float additive masks where 5.x passes booleans; `bt_plugin.masks` reads both.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 _CAPTURE_HOOK_MODULE = "transformers.utils.output_capturing"
+
+# Layer arguments that an older transformers version named differently: {name in the specs: (older names)}.
+ARGUMENT_RENAMES = {"attention_mask": ("attn_mask",)}
+
+
+@lru_cache(maxsize=1)
+def transformers_version() -> str:
+    """The installed transformers version, e.g. `'4.57.6'`."""
+    import transformers
+
+    return transformers.__version__
+
+
+def loop_collects(owner, kwargs: dict) -> bool:
+    """Whether an encoder loop that collects outputs itself (before transformers 5's recorders)
+    collects hidden states or attentions in this call: its argument, else the model config."""
+    config = getattr(owner, "config", None)
+    for name in ("output_hidden_states", "output_attentions"):
+        value = kwargs.get(name)
+        if value is None:
+            value = getattr(config, name, False)
+        if value:
+            return True
+    return False
+
+
+def attention_lookup() -> tuple[str | None, str | None]:
+    """`(method, reason)`: the method of `transformers.modeling_utils.AttentionInterface` through
+    which attention modules look up their function in this version, or why there is none."""
+    import transformers.modeling_utils as modeling_utils
+
+    interface = getattr(modeling_utils, "AttentionInterface", None)
+    if interface is None:
+        return None, f"transformers {transformers_version()} has no AttentionInterface to route attention through"
+    if hasattr(interface, "get_interface"):
+        return "get_interface", None
+    return "__getitem__", None
 
 
 def recorded_outputs() -> frozenset[str]:
@@ -29,7 +83,7 @@ def is_transformers_capture_hook(hook) -> bool:
 
 # The ranges this release is tested against. Outside them the plugin still loads: any layer whose
 # structure no longer matches its spec stays stock with a reason, but the user is told once.
-SUPPORTED_VERSIONS = {"torch": ">=2.4", "transformers": ">=5.0,<6"}
+SUPPORTED_VERSIONS = {"torch": ">=2.4", "transformers": ">=4.48,<6"}
 _warned: set[str] = set()
 
 

@@ -28,6 +28,7 @@ class PlannedLayer:
     layer: nn.Module
     list_path: str
     reason: str | None
+    spec: EncoderSpec | None = None  # the family's spec in this layer's layout
 
 
 @dataclass
@@ -65,11 +66,14 @@ def plan(model: nn.Module, kernel: str = "auto") -> Plan:
     classes = spec.resolve_layer_classes()
     for path, stack in _layer_lists(model, classes):
         for index, layer in enumerate(stack):
-            reason = structure_reason(layer, spec) or kernel_reason(layer, spec, kernels.get_kernel(concrete))
-            if reason and layer_code_serves(layer, spec):
+            # the layer's own spec when converted, else the spec in the layout its class has
+            layer_spec = layer._bt_spec if isinstance(layer, FusedLayer) else spec.for_layer(layer)
+            reason = structure_reason(layer, layer_spec) or kernel_reason(
+                layer, layer_spec, kernels.get_kernel(concrete))
+            if reason and layer_code_serves(layer, layer_spec):
                 reason = None  # the layer's own code runs on the packed tokens instead (layercode)
             reason = next((r for r in (check(layer) for check in spec.conversion_checks) if r), reason)
-            result.layers.append(PlannedLayer(f"{path}.{index}", layer, path, reason))
+            result.layers.append(PlannedLayer(f"{path}.{index}", layer, path, reason, layer_spec))
     if not result.layers:
         names = ", ".join(c.__name__ for c in classes) or ", ".join(spec.layer_classes)
         result.reason = f"no list of {names} layers was found in {type(model).__name__}"
@@ -116,7 +120,7 @@ def convert(model: nn.Module, *, kernel: str = "auto", strict: bool = True) -> n
         return model
     reads = padded_reads(model, result.spec)
     for planned in todo:
-        _swap(planned.layer, result.spec, kernel, reads)
+        _swap(planned.layer, planned.spec, kernel, reads)
     for list_path in dict.fromkeys(p.list_path for p in todo):
         owner_path, _, attribute = list_path.rpartition(".")
         owner = resolve_path(model, owner_path) if owner_path else model

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from bt_plugin.activations import activation_name
-from bt_plugin.compat import is_transformers_capture_hook, recorded_outputs
+from bt_plugin.compat import attention_lookup, is_transformers_capture_hook, recorded_outputs
 from bt_plugin.spec import EncoderSpec, resolve_roles
 
 _LINEARS = ("query", "key", "value", "out_proj", "linear1", "linear2")
@@ -70,7 +70,7 @@ def layer_code_serves(layer: nn.Module, spec: EncoderSpec) -> str | None:
     Kernel limits (fastpath's activations, head parity, dtypes) and layers that no longer match
     their spec (renamed upstream) keep their reasons: an explicit kernel choice is honoured.
     """
-    if not (spec.attention_interface or spec.binned):
+    if not (spec.attention_interface or spec.binned) or layer_code_reason(spec):
         return None
     if not spec.has_fused_layout:
         return _no_fused_layout(spec)
@@ -82,6 +82,14 @@ def layer_code_serves(layer: nn.Module, spec: EncoderSpec) -> str | None:
             return f"{getattr(spec, role)} was {_type_name(roles[role])}, not torch.nn.{kind.__name__}" + (
                 " (an adapter?)" if kind is nn.Linear else "")
     return None
+
+
+def layer_code_reason(spec: EncoderSpec) -> str | None:
+    """Why this transformers version cannot run the spec's layer code padding-free (no attention
+    interface to route per-sequence attention through), or None."""
+    if spec.binned or not spec.attention_interface:
+        return None
+    return attention_lookup()[1]
 
 
 def kernel_reason(layer: nn.Module, spec: EncoderSpec, kernel, roles: dict | None = None) -> str | None:
@@ -110,28 +118,31 @@ def _default_scale(roles: dict) -> bool:
     return abs(float(roles["attention_scale"]) - head_dim ** -0.5) < 1e-9
 
 
-def call_reason(hidden, args: tuple, kwargs: dict, mask_index: int, mask_name: str = "attention_mask",
-                allowed: tuple[str, ...] = (), allowed_positions: tuple[int, ...] = ()) -> str | None:
-    """Reasons that hold for every layer of this call: recording, grad inputs, autocast, tracing."""
+def call_reason(hidden, named: dict, mask_name: str = "attention_mask", handled: tuple[str, ...] = ()) -> str | None:
+    """Reasons that hold for every layer of this call: recording, grad inputs, autocast, tracing.
+
+    `named`: the call's arguments after the hidden states, by name (`bt_plugin.calls.bind`);
+    `handled`: the ones the layer's spec says its path handles (besides the mask).
+    """
     if type(hidden) is not torch.Tensor:
         return f"hidden states were a {type(hidden).__name__}, not a plain torch.Tensor"
     if torch.compiler.is_compiling():
         return "torch.compile was tracing the model"
     recorded = recorded_outputs() - {"hidden_states"}
+    if named.get("output_attentions"):  # encoders that pass it to each layer (before transformers 5)
+        recorded = recorded | {"attentions"}
     if recorded:
         return f"the call recorded {', '.join(sorted(recorded))} (output_attentions=True)"
     if hidden.dim() != 3:
         return f"hidden states had {hidden.dim()} dimensions, expected 3"
     if torch.is_autocast_enabled(hidden.device.type):
         return f"autocast was enabled on {hidden.device.type}"
-    for name, value in kwargs.items():
-        if name not in HARMLESS_KWARGS and name != mask_name and name not in allowed and value is not None \
-                and value is not False:
-            return f"{name} was passed (only plain encoder self-attention is fused)"
-    for position, value in enumerate(args, start=1):
-        if position != mask_index and position not in allowed_positions and value is not None \
-                and value is not False:
-            return f"positional argument {position} was passed ({type(value).__name__})"
+    for name, value in named.items():
+        if name in HARMLESS_KWARGS or name == mask_name or name in handled or value is None or value is False:
+            continue
+        if name.startswith("*"):
+            return f"positional argument {name[1:]} was passed ({type(value).__name__})"
+        return f"{name} was passed (only plain encoder self-attention is fused)"
     return None
 
 

@@ -21,9 +21,10 @@ from torch import nn
 
 from bt_plugin.activations import activation_name
 from bt_plugin.compat import recorded_outputs
-from bt_plugin.eligibility import call_reason, fused_reason, layer_code_serves, mode_reason
+from bt_plugin.eligibility import call_reason, fused_reason, layer_code_reason, layer_code_serves, mode_reason
 from bt_plugin.heads import PaddedReads, padded_reads
 from bt_plugin.binned import BINNED, run_binned
+from bt_plugin.calls import argument_name, bind, returned_items
 from bt_plugin.kernels import KERNELS, LayerTensors, get_kernel
 from bt_plugin.layercode import LAYER_CODE, run_layer
 from bt_plugin.masks import key_padding_mask, padding_reason
@@ -71,7 +72,7 @@ class FusedLayer:
         # shared [3E, E] storage once per view); the fused cache is rebuilt on first use.
         unfuse_qkv(self)
         state = dict(self.__dict__)
-        return (_rebuild, (self._bt_stock_class, self._bt_spec.name), state)
+        return (_rebuild, (self._bt_stock_class, self._bt_spec.name, self._bt_spec.layout), state)
 
 
 class _TensorName:
@@ -105,7 +106,8 @@ _FUSED_CLASSES: dict[tuple[type, str], type] = {}
 
 
 def fused_class_for(stock_class: type, spec: EncoderSpec) -> type:
-    """The fused subclass of `stock_class` (made once, then cached)."""
+    """The fused subclass of `stock_class` (made once, then cached; `spec` is the family's spec
+    in the layout this class has, see `EncoderSpec.for_layer`)."""
     key = (stock_class, spec.name)
     cls = _FUSED_CLASSES.get(key)
     if cls is None:
@@ -118,10 +120,10 @@ def fused_class_for(stock_class: type, spec: EncoderSpec) -> type:
     return cls
 
 
-def _rebuild(stock_class: type, spec_name: str):
+def _rebuild(stock_class: type, spec_name: str, layout: dict | None = None):
     from bt_plugin.registry import all_specs
 
-    return object.__new__(fused_class_for(stock_class, all_specs()[spec_name]))
+    return object.__new__(fused_class_for(stock_class, all_specs()[spec_name].with_layout(layout)))
 
 
 def _qkv_parts(layer, roles: dict | None = None) -> list[nn.Linear]:
@@ -238,18 +240,14 @@ def _stats(layer) -> LayerStats:
     return stats
 
 
-def _argument(args: tuple, kwargs: dict, name_and_index: tuple[str, int]):
-    name, index = name_and_index
-    return args[index - 1] if len(args) >= index else kwargs.get(name)
+def mask_name(layer) -> str:
+    """The name of the layer's mask parameter in this transformers version."""
+    return argument_name(layer._bt_stock_class, layer._bt_spec.mask_argument)
 
 
-def _mask_argument(layer, args: tuple, kwargs: dict):
-    return _argument(args, kwargs, layer._bt_spec.mask_argument)
-
-
-def _score_bias(layer, args: tuple, kwargs: dict):
+def _score_bias(layer, named: dict):
     spec = layer._bt_spec
-    return _argument(args, kwargs, spec.score_bias) if spec.score_bias else None
+    return named.get(spec.score_bias) if spec.score_bias else None
 
 
 def _bias_reason(bias, batch: int, length: int) -> str | None:
@@ -263,14 +261,11 @@ def _bias_reason(bias, batch: int, length: int) -> str | None:
 
 
 def _returned(layer, hidden: torch.Tensor, packed: bool = False, tail: tuple | None = None):
-    """In the stock layer's return convention: sequence-first layout, tensor or tuple (`tail`:
-    what the layer's own code returned after the hidden states, e.g. T5's position bias)."""
-    spec = layer._bt_spec
-    if spec.sequence_first and not packed:
+    """In the stock layer's return convention: sequence-first layout, and `tail` (None: a plain
+    tensor; else a tuple `(hidden, *tail)`, e.g. T5's position bias or stock's `None` weights)."""
+    if layer._bt_spec.sequence_first and not packed:
         hidden = hidden.transpose(0, 1)
-    if not spec.returns_tuple:
-        return hidden
-    return (hidden,) + (tail if tail is not None else (None,) * (spec.tuple_length - 1))
+    return hidden if tail is None else (hidden,) + tail
 
 
 def _kernel_for(layer, hidden):
@@ -300,7 +295,7 @@ def path_for(layer, hidden) -> tuple[object | None, str | None, str | None]:
     fused = fused_reason(layer, spec, hidden, kernel)
     if fused is None:
         return kernel, None, None
-    refused = layer.__dict__.get("_bt_layercode_reason")
+    refused = layer.__dict__.get("_bt_layercode_reason") or layer_code_reason(spec)
     served = None if refused else layer_code_serves(layer, spec)
     if not served:
         return None, None, refused or fused
@@ -312,7 +307,8 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict):
     frame = running_frame(layer)
     if frame is not None and frame.carrier is not None and hidden is frame.carrier:
         return _continue_packed(layer, frame, args, kwargs)
-    mask = _mask_argument(layer, args, kwargs)
+    named = bind(layer._bt_stock_class, args, kwargs)
+    mask = named.get(mask_name(layer))
     served = layer_code_serves(layer, layer._bt_spec) if mask is None and not layer.training else None
     if served:
         # no padding and no fused kernel for this layer: its stock code is the padding-free path
@@ -322,7 +318,7 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict):
     batch_first = hidden
     if layer._bt_spec.sequence_first and isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
         batch_first = hidden.transpose(0, 1).contiguous()  # legacy (T, B, C) layers (FSMT)
-    kernel, note, keep, reason = _eligible(layer, batch_first, args, kwargs, mask)
+    kernel, note, keep, reason = _eligible(layer, batch_first, named, mask)
     if reason:
         return _stock(layer, reason, hidden, args, kwargs)
     own_code = _runs_own_code(kernel)
@@ -334,17 +330,17 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict):
         carrier, state = kernel.pack(batch_first, keep, keep_padded_rows=True)
     else:
         carrier, state = kernel.pack(batch_first, keep)
-    bias = _score_bias(layer, args, kwargs)
+    bias = _score_bias(layer, named)
     if bias is not None:
         kernel.with_score_bias(state, bias)
-    out, reason = _run(kernel, layer, carrier, state, args, kwargs)
+    out, tail, reason = _run(kernel, layer, carrier, state, named)
     if reason:
         return _stock(layer, reason, hidden, args, kwargs)
     _stats(layer).fused(kernel.name, note)
     if frame is not None and _stays_packed(layer, batch_first, kernel):
         frame.carrier, frame.state, frame.kernel = out, state, kernel
-        return _returned(layer, out, packed=True, tail=getattr(state, "tail", None))  # the next layer continues
-    return _returned(layer, kernel.unpack(out, state), tail=getattr(state, "tail", None))
+        return _returned(layer, out, packed=True, tail=tail)  # the next layer continues
+    return _returned(layer, kernel.unpack(out, state), tail=tail)
 
 
 def _stock(layer, reason: str, hidden, args: tuple, kwargs: dict):
@@ -353,26 +349,33 @@ def _stock(layer, reason: str, hidden, args: tuple, kwargs: dict):
     return layer._bt_stock_class.forward(layer, hidden, *args, **kwargs)
 
 
-def _run(kernel, layer, carrier, state, args: tuple, kwargs: dict):
-    """`(out, reason)`: one layer on the packed carrier (a layer-code call may refuse, once)."""
+def _run(kernel, layer, carrier, state, named: dict):
+    """`(out, tail, reason)`: one layer on the packed carrier, and what the stock layer returns
+    after its hidden states (`tail`, None for a plain tensor); a layer-code call may refuse."""
     if not _runs_own_code(kernel):
-        return kernel.layer(carrier, layer_tensors(layer), state), None
-    out, reason = (run_layer if kernel is LAYER_CODE else run_binned)(layer, carrier, state, args, kwargs)
+        tensors = layer_tensors(layer)
+        like = tensors.out_proj_weight.new_zeros(1, 1, tensors.embed_dim)
+        items, reason = returned_items(layer, like, named, (mask_name(layer), layer._bt_spec.score_bias))
+        if reason:
+            return None, None, reason
+        return kernel.layer(carrier, tensors, state), (None if items is None else (None,) * (items - 1)), None
+    out, reason = (run_layer if kernel is LAYER_CODE else run_binned)(layer, carrier, state, named)
     if reason:
         if out is not None:  # refused after running (it bypassed the attention interface): for good
             layer.__dict__["_bt_layercode_reason"] = reason
-        return None, reason  # a mask refused before running concerns this call only
+        return None, None, reason  # a mask refused before running concerns this call only
     if isinstance(out, tuple):  # the layer's own tuple: keep what follows the hidden states
-        out, state.tail = out[0], out[1:]
-    return out, None
+        return out[0], tuple(out[1:]), None
+    return out, None, None
 
 
 def _continue_packed(layer, frame, args: tuple, kwargs: dict):
     """A later layer of a stack whose first layer packed the call (after checking every layer)."""
-    bias = _score_bias(layer, args, kwargs)
+    named = bind(layer._bt_stock_class, args, kwargs)
+    bias = _score_bias(layer, named)
     if bias is not None and bias is not frame.state.score_bias:  # MPNet hands every layer the same one
         frame.kernel.with_score_bias(frame.state, bias)
-    out, reason = _run(frame.kernel, layer, frame.carrier, frame.state, args, kwargs)
+    out, tail, reason = _run(frame.kernel, layer, frame.carrier, frame.state, named)
     if reason:  # leave the stack unpacked from here on; real tokens stay exact (keys masked)
         padded = frame.kernel.unpack(frame.carrier, frame.state)
         frame.carrier = None
@@ -383,20 +386,18 @@ def _continue_packed(layer, frame, args: tuple, kwargs: dict):
     layers = live_layers(layer)
     if layers is None or layers[-1] is layer:
         frame.carrier = None
-        return _returned(layer, frame.kernel.unpack(out, frame.state), tail=getattr(frame.state, "tail", None))
+        return _returned(layer, frame.kernel.unpack(out, frame.state), tail=tail)
     frame.carrier = out
-    return _returned(layer, out, packed=True, tail=getattr(frame.state, "tail", None))
+    return _returned(layer, out, packed=True, tail=tail)
 
 
-def _eligible(layer, hidden, args, kwargs, mask):
+def _eligible(layer, hidden, named: dict, mask):
     """`(kernel, note, keep, reason)`: the path, the key-padding mask to pack with, or why the
     stock forward must run."""
     spec = layer._bt_spec
-    bias_name, bias_index = spec.score_bias or (None, None)
-    reason = call_reason(hidden, args, kwargs, spec.mask_argument[1], spec.mask_argument[0],
-                         spec.layer_kwargs + ((bias_name,) if bias_name else ()),
-                         spec.layer_positions + ((bias_index,) if bias_index else ()))
-    reason = reason or _bias_reason(_score_bias(layer, args, kwargs), hidden.size(0), hidden.size(1))
+    handled = spec.layer_kwargs + spec.pass_through + ((spec.score_bias,) if spec.score_bias else ())
+    reason = call_reason(hidden, named, mask_name(layer), handled)
+    reason = reason or _bias_reason(_score_bias(layer, named), hidden.size(0), hidden.size(1))
     if reason:
         return None, None, None, reason
     kernel, note, reason = path_for(layer, hidden)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bt_plugin.attention import Segments, attending_within
+from bt_plugin.calls import argument_name
 
 # An additive mask entry at or below this is "masked" (as in bt_plugin.masks).
 _MASKED_AT_OR_BELOW = -1.0e4
@@ -49,7 +50,6 @@ class LayerCodeState:
     spans: list[tuple[int, int]]
     reals: list[torch.Tensor]
     _masks: dict = field(default_factory=dict)
-    tail: tuple | None = None  # what the layer returned after its hidden states
     _packed: dict = field(default_factory=dict)
 
 
@@ -140,26 +140,22 @@ class LayerCodeKernel:
 LAYER_CODE = LayerCodeKernel()
 
 
-def run_layer(layer, carrier: torch.Tensor, state: LayerCodeState, args: tuple, kwargs: dict):
+def run_layer(layer, carrier: torch.Tensor, state: LayerCodeState, named: dict):
     """`(output, reason)`: the stock forward of `layer` on the packed tokens, or a reason: then the
     caller runs the stock forward on the padded batch. A reason with `output` None concerns this
-    call (its mask); with an output, the layer itself (it bypassed the attention interface)."""
+    call (its mask); with an output, the layer itself (it bypassed the attention interface).
+    `named`: the call's arguments by name (`bt_plugin.calls.bind`)."""
     spec = layer._bt_spec
-    name, index = spec.mask_argument
-    args = list(args)
-    if len(args) >= index:
-        mask, args[index - 1] = args[index - 1], None
-    else:
-        mask = kwargs.get(name)
-        kwargs = {**kwargs, name: None}
-    segments, reason = LAYER_CODE.segments(mask, state)
+    name = argument_name(layer._bt_stock_class, spec.mask_argument)
+    segments, reason = LAYER_CODE.segments(named.get(name), state)
     if reason:
         return None, reason
-    kwargs = {key: (LAYER_CODE.packed_argument(value, state) if key in spec.layer_kwargs else value)
-              for key, value in kwargs.items()}
+    arguments = {key: (LAYER_CODE.packed_argument(value, state) if key in spec.layer_kwargs else value)
+                 for key, value in named.items() if not key.startswith("*")}
+    arguments[name] = None
     segments = Segments(segments.spans, segments.masks)  # a fresh call counter
     with attending_within(segments):
-        out = layer._bt_stock_class.forward(layer, carrier, *args, **kwargs)
+        out = layer._bt_stock_class.forward(layer, carrier, **arguments)
     # refused after running: `out` is returned (not used) so the caller knows the refusal is for good
     if segments.calls == 0:
         return out, "the layer did not call transformers' attention interface (its own attention code)"

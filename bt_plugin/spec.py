@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 ConfigCheck = Callable[[Any], "str | None"]
@@ -34,11 +34,10 @@ class EncoderSpec:
             attention and feed-forward branches before their residual add (DINOv2's LayerScale).
         attention_scale: Optional path of the attention's score scale (a float attribute);
             None means `head_dim ** -0.5`.
-        mask_argument: Name and positional index (counting `hidden_states` as 0) of the
-            attention-mask argument of the layer's `forward`.
-        returns_tuple: Whether the stock layer returns a tuple instead of a tensor.
-        tuple_length: Length of that tuple (the fused layer fills the rest with None, e.g.
-            `(hidden, None)` where stock returns `(hidden, attention_weights)`).
+        mask_argument: Name of the attention-mask parameter of the layer's `forward` (found by
+            name in each call, wherever the running transformers version puts it; see
+            `bt_plugin.calls`). What the layer returns (a tensor or a tuple) is observed from the
+            stock layer itself, never declared.
         sequence_first: Whether the layer takes and returns `(L, B, E)` (legacy fairseq layout).
         mask_marks_padding: Whether a 2-D mask marks padding with 1/True (legacy fairseq).
         reads_padding: Whether the model reads the layer output at padded positions (SigLIP text
@@ -54,16 +53,19 @@ class EncoderSpec:
             on packed real tokens (the `layercode` path, see `bt_plugin.layercode`) whenever a
             fused kernel cannot serve it: adapters, quantized linears, rotary / gated layers. A
             spec with no fused roles (query ... num_heads all None) is served by that path only.
-        score_bias: Name and positional index of a layer argument holding an additive
+        score_bias: Name of a layer argument holding an additive
             `(B or 1, H, L, L)` bias of the attention scores that depends on i - j only (MPNet's
             relative positions): `packed` adds each sequence's block among its real tokens.
         binned: Whether the layer's own attention code (not the attention interface) applies
             the 4-D mask it is given to its scores, and everything it derives from positions for
             the padded length depends on i - j only (DeBERTa). Then its own code runs on bins of
             whole sequences with a block-diagonal mask (`bt_plugin.binned`).
-        layer_positions: Positional arguments (index, counting `hidden_states` as 0) the encoder loop
-            passes that the layer's own code handles on packed or binned tokens (T5's shared
-            position bias); the layer-code paths pass them through unchanged.
+        pass_through: Arguments the encoder loop passes that the layer's own code handles on
+            packed or binned tokens (T5's shared position bias); the layer-code paths pass them
+            through unchanged.
+        other_layouts: Role paths (dicts of `query=...` etc.) the same layer had in other
+            transformers versions (ViT's BERT-style names before 5.x), tried in order when the
+            spec's own paths do not resolve on a layer.
         conversion_checks: Callables `layer -> reason | None` run when converting: a reason leaves
             that layer stock (T5's decoder blocks share the encoder's block class).
         layer_kwargs: Keyword arguments the encoder loop passes to every layer that the
@@ -96,26 +98,41 @@ class EncoderSpec:
     layer_scale1: str | None = None
     layer_scale2: str | None = None
     attention_scale: str | None = None
-    mask_argument: tuple[str, int] = ("attention_mask", 1)
-    returns_tuple: bool = False
-    tuple_length: int = 1
+    mask_argument: str = "attention_mask"
     sequence_first: bool = False
     mask_marks_padding: bool = False
     reads_padding: bool = False
     head_reads: tuple[tuple[str, str], ...] = ()
     attention_interface: bool = False
-    score_bias: tuple[str, int] | None = None
+    score_bias: str | None = None
     binned: bool = False
-    layer_positions: tuple[int, ...] = ()
+    pass_through: tuple[str, ...] = ()
+    other_layouts: tuple[dict[str, Any], ...] = ()
     conversion_checks: tuple[Callable[[Any], "str | None"], ...] = field(default=())
     layer_kwargs: tuple[str, ...] = ()
     config_checks: tuple[ConfigCheck, ...] = field(default=())
     layer_checks: tuple[Callable[[Any], "str | None"], ...] = field(default=())
+    layout: dict[str, Any] | None = field(default=None, compare=False)  # set on an other-layout variant
 
     @property
     def has_fused_layout(self) -> bool:
         """Whether the spec names the roles a fused kernel needs (else: layer code only)."""
         return all(getattr(self, role) is not None for role in ROLES)
+
+    def for_layer(self, layer: Any) -> "EncoderSpec":
+        """This spec, or the variant with the first of `other_layouts` whose paths all resolve on
+        `layer` when the spec's own do not (the layer comes from another transformers version)."""
+        if not self.other_layouts or _resolves(layer, self):
+            return self
+        for layout in self.other_layouts:
+            variant = self.with_layout(layout)
+            if _resolves(layer, variant):
+                return variant
+        return self
+
+    def with_layout(self, layout: dict[str, Any] | None) -> "EncoderSpec":
+        """The variant of this spec with one of its `other_layouts` (itself for None)."""
+        return replace(self, **layout, layout=layout) if layout else self
 
     def resolve_layer_classes(self) -> tuple[type, ...]:
         """Import and return the layer classes; a missing one is skipped (renamed upstream)."""
@@ -179,6 +196,14 @@ def resolve_roles(layer: Any, spec: EncoderSpec) -> dict[str, Any]:
             obj = children[part] if children is not None and part in children else getattr(obj, part)
         roles[role] = obj
     return roles
+
+
+def _resolves(layer: Any, spec: EncoderSpec) -> bool:
+    try:
+        resolve_roles(layer, spec)
+    except AttributeError:
+        return False
+    return True
 
 
 def resolve_path(root: Any, path: str) -> Any:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from bt_plugin.compat import loop_collects
+
 
 @dataclass
 class Frame:
@@ -38,8 +40,7 @@ class StackOwner:
     def forward(self, *args, **kwargs):
         # Encoders written before transformers 5's output recorders collect hidden states in
         # their own loop: then every layer must hand back (B, L, E), so nothing stays packed.
-        collects = bool(kwargs.get("output_hidden_states") or kwargs.get("output_attentions"))
-        token = _running.set(Frame(self, collects))
+        token = _running.set(Frame(self, loop_collects(self, kwargs)))
         try:
             return type(self)._bt_stock_class.forward(self, *args, **kwargs)
         finally:
@@ -67,8 +68,7 @@ def _rebuild_owner(stock_class: type):
 
 def _open_frame(owner: nn.Module, args, kwargs):
     """Forward pre-hook of a `PreTrainedModel` that runs its layer loop itself (ModernBERT, GTE...)."""
-    collects = bool(kwargs.get("output_hidden_states") or kwargs.get("output_attentions"))
-    frame = Frame(owner, collects)
+    frame = Frame(owner, loop_collects(owner, kwargs))
     frame.token = _running.set(frame)
 
 

@@ -62,7 +62,6 @@ _WAV2VEC2_PATHS = dict(
     linear2="feed_forward.output_dense",
     norm2="final_layer_norm",
     num_heads="attention.num_heads",
-    mask_argument=("attention_mask", 1),
     attention_interface=True,  # their attention calls ALL_ATTENTION_FUNCTIONS: adapters run layer code
 )
 

@@ -33,8 +33,7 @@ MPNET = EncoderSpec(
     query="attention.attn.q", key="attention.attn.k", value="attention.attn.v", out_proj="attention.attn.o",
     norm1="attention.LayerNorm", linear1="intermediate.dense", activation="intermediate.intermediate_act_fn",
     linear2="output.dense", norm2="output.LayerNorm", num_heads="attention.attn.num_attention_heads",
-    score_bias=("position_bias", 2),
-    returns_tuple=True,
+    score_bias="position_bias",
     head_reads=TEXT_HEAD_READS,
     config_checks=(ENCODER_ONLY,),
 )
@@ -55,8 +54,6 @@ DEBERTA = EncoderSpec(
                    f"{_MODELS}.deberta.modeling_deberta.DebertaLayer"),
     binned=True,
     layer_kwargs=("relative_pos", "rel_embeddings"),
-    returns_tuple=True,
-    tuple_length=2,
     head_reads=TEXT_HEAD_READS,
     config_checks=(_no_conv_layer,),
 )
@@ -74,9 +71,8 @@ T5 = EncoderSpec(
     model_types=("t5", "mt5"),
     layer_classes=(f"{_MODELS}.t5.modeling_t5.T5Block", f"{_MODELS}.mt5.modeling_mt5.MT5Block"),
     binned=True,
-    layer_positions=(2, 3, 4, 5),  # position_bias, then the decoder-only arguments (None here)
-    returns_tuple=True,
-    tuple_length=3,
+    # the shared position bias, and the decoder-only arguments (None here)
+    pass_through=("position_bias", "encoder_hidden_states", "encoder_attention_mask", "encoder_decoder_position_bias"),
     conversion_checks=(_encoder_block,),
 )
 
@@ -85,7 +81,7 @@ UMT5 = EncoderSpec(
     model_types=("umt5",),
     layer_classes=(f"{_MODELS}.umt5.modeling_umt5.UMT5Block",),
     binned=True,
-    layer_positions=(2,),  # encoder_hidden_states (None in the encoder)
+    pass_through=("encoder_hidden_states",),  # None in the encoder
     conversion_checks=(_encoder_block,),
 )
 

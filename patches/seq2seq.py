@@ -45,7 +45,6 @@ BART_LAYER_PATHS = dict(
     linear2="fc2",
     norm2="final_layer_norm",
     num_heads="self_attn.num_heads",
-    mask_argument=("attention_mask", 1),
 )
 
 BART = EncoderSpec(
@@ -90,7 +89,7 @@ MVP = EncoderSpec(
     layer_classes=(f"{_MODELS}.mvp.modeling_mvp.MvpEncoderLayer",),
     norm_first=False,
     config_checks=(_no_prompts,),
-    **dict(BART_LAYER_PATHS, returns_tuple=True),
+    **BART_LAYER_PATHS,
 )
 
 # FSMT keeps fairseq's legacy conventions: (T, B, C) hidden states, a (B, T) mask that marks
@@ -99,8 +98,7 @@ FSMT = EncoderSpec(
     name="fsmt",
     model_types=("fsmt",),
     layer_classes=(f"{_MODELS}.fsmt.modeling_fsmt.EncoderLayer",),
-    **{**BART_LAYER_PATHS, "mask_argument": ("encoder_padding_mask", 1), "returns_tuple": True},
-    tuple_length=2,
+    **{**BART_LAYER_PATHS, "mask_argument": "encoder_padding_mask"},
     sequence_first=True,
     mask_marks_padding=True,
 )

@@ -7,8 +7,9 @@ relative position bias, no rotary embedding, no gating, an `nn.Module` activatio
 mask as argument 1 (positional or keyword). Most return a tensor and have their outputs recorded
 by transformers' hooks; the older BERT copies (tapas, rembert, visual_bert, megatron-bert) pass
 `output_attentions` to the layer, gather hidden states in the encoder's own loop and get a tuple
-back from the layer (`returns_tuple=True`): a call with `output_attentions=True` runs the stock
-forward (the core's call check), and while the encoder collects outputs nothing stays packed.
+back from the layer (observed from the layer itself, `bt_plugin.calls`): a call with
+`output_attentions=True` runs the stock forward (the core's call check), and while the encoder
+collects outputs nothing stays packed.
 
 Examined and left stock:
 - flava_text_model, canine: legacy layer call (`output_attentions` passed to the layer, hidden
@@ -155,7 +156,6 @@ BERT_LEGACY = EncoderSpec(
         f"{_MODELS}.visual_bert.modeling_visual_bert.VisualBertLayer",
     ),
     **BERT_LAYER_PATHS,
-    returns_tuple=True,
     config_checks=(ENCODER_ONLY,),
     head_reads=TEXT_HEAD_READS,
 )
@@ -171,7 +171,6 @@ MEGATRON_BERT = EncoderSpec(
     layer_classes=(f"{_MODELS}.megatron_bert.modeling_megatron_bert.MegatronBertLayer",),
     **{**BERT_LAYER_PATHS, "norm1": "attention.ln", "norm2": "ln"},
     norm_first=True,
-    returns_tuple=True,
     config_checks=(ENCODER_ONLY,),
     head_reads=TEXT_HEAD_READS,
 )

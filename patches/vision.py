@@ -57,13 +57,18 @@ _VIT_PATHS = dict(
     attention_interface=True,
 )
 
-# The older BERT-named copies (YOLOS, VideoMAE, DPT): `layer(hidden_states)`, no mask argument.
-_VIT_BERT_NAMED_PATHS = dict(
+# The BERT-style names every ViT copy had before transformers 5.x renamed them (YOLOS, VideoMAE
+# and DPT keep them): `attention.attention.{query,key,value}`, `attention.output.dense`,
+# `intermediate.dense`, `output.dense`. Scores use `head_dim ** -0.5` in every version.
+_BERT_NAMED_ROLES = dict(
     query="attention.attention.query", key="attention.attention.key", value="attention.attention.value",
-    out_proj="attention.output.dense", norm1="layernorm_before", linear1="intermediate.dense",
-    activation="intermediate.intermediate_act_fn", linear2="output.dense", norm2="layernorm_after",
-    num_heads="attention.attention.num_attention_heads", attention_scale="attention.attention.scaling",
-    norm_first=True,
+    out_proj="attention.output.dense", linear1="intermediate.dense",
+    activation="intermediate.intermediate_act_fn", linear2="output.dense",
+    num_heads="attention.attention.num_attention_heads", attention_scale=None,
+)
+_VIT_PATHS["other_layouts"] = (_BERT_NAMED_ROLES,)
+_VIT_BERT_NAMED_PATHS = dict(
+    _BERT_NAMED_ROLES, norm1="layernorm_before", norm2="layernorm_after", norm_first=True,
     attention_interface=True,
 )
 
@@ -73,7 +78,7 @@ _DINOV2_PATHS = dict(
     norm1="norm1", linear1="mlp.fc1", activation="mlp.activation_fn", linear2="mlp.fc2", norm2="norm2",
     num_heads="attention.num_attention_heads", attention_scale="attention.scaling",
     layer_scale1="layer_scale1.lambda1", layer_scale2="layer_scale2.lambda1", norm_first=True,
-    attention_interface=True,
+    attention_interface=True, other_layouts=(_BERT_NAMED_ROLES,),
 )
 
 # CLIPEncoderLayer and its copies: `layer(hidden_states, attention_mask, **kwargs)`.

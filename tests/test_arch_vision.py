@@ -24,7 +24,7 @@ from bt_plugin import registry
 from bt_plugin.eligibility import structure_reason
 from bt_plugin.layer import FusedLayer
 from bt_plugin.patches import vision
-from bt_plugin.spec import ROLES, OPTIONAL_ROLES, resolve_roles
+from bt_plugin.spec import ROLES, OPTIONAL_ROLES, resolve_path, resolve_roles
 
 ATOL = 1e-5
 KERNELS = ["packed", "fastpath"]
@@ -670,12 +670,17 @@ def test_spec_resolves_on_a_real_model(spec, loaded):
         for layer_report in report.layers:
             layer = modules[layer_report.path]
             assert isinstance(layer, classes)
-            roles = resolve_roles(layer, spec)  # raises on a path that does not resolve
+            layout = spec.for_layer(layer)  # the spec in this transformers version's layout
+            roles = resolve_roles(layer, layout)  # raises on a path that does not resolve
             for role in ROLES + OPTIONAL_ROLES:
-                assert (roles[role] is None) == (getattr(spec, role) is None), role
-            assert structure_reason(layer, spec, roles) is None
+                assert (roles[role] is None) == (getattr(layout, role) is None), role
+            assert structure_reason(layer, layout, roles) is None
             head_dim = roles["out_proj"].out_features // int(roles["num_heads"])
-            assert float(roles["attention_scale"]) == pytest.approx(head_dim ** -0.5)
+            # no scale role means the default: the attention module's own scale, if it has one, agrees
+            attention = resolve_path(layer, layout.query.rpartition(".")[0])
+            scale = roles["attention_scale"]
+            scale = scale if scale is not None else getattr(attention, "scaling", getattr(attention, "scale", head_dim ** -0.5))
+            assert float(scale) == pytest.approx(head_dim ** -0.5)
             # the layer checks pass exactly the vision layers
             checks = [check(layer) for check in spec.layer_checks]
             assert any(checks) == _falls_back(model_type, layer_report.path), (layer_report.path, checks)
