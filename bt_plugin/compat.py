@@ -38,6 +38,13 @@ def transformers_version() -> str:
     return transformers.__version__
 
 
+def version_in(specifier: str) -> bool:
+    """Whether the installed transformers is inside a PEP 440 specifier such as `">=5.1"`."""
+    from packaging.specifiers import SpecifierSet
+
+    return SpecifierSet(specifier).contains(transformers_version(), prereleases=True)
+
+
 def loop_collects(owner, kwargs: dict) -> bool:
     """Whether an encoder loop that collects outputs itself (before transformers 5's recorders)
     collects hidden states or attentions in this call: its argument, else the model config."""
@@ -81,9 +88,14 @@ def is_transformers_capture_hook(hook) -> bool:
     return getattr(hook, "__module__", None) == _CAPTURE_HOOK_MODULE
 
 
-# The ranges this release is tested against. Outside them the plugin still loads: any layer whose
-# structure no longer matches its spec stays stock with a reason, but the user is told once.
-SUPPORTED_VERSIONS = {"torch": ">=2.4", "transformers": ">=4.48,<6"}
+# What CI tests (`.ci/run`): each of these transformers releases in a fresh environment, with
+# torch 2.13.0, the only torch these machines can install (other torch versions are untested).
+# The newest is the newest release at the time of this bt_plugin release.
+TESTED_TRANSFORMERS = ("4.48.3", "4.51.3", "4.53.3", "4.55.4", "4.57.6", "5.0.0", "5.24.0")
+TESTED_TORCH = ("2.13.0",)
+# Outside these ranges the plugin still loads (a layer whose structure no longer matches its
+# spec stays stock with a reason), but the user is told once that it is untested.
+SUPPORTED_VERSIONS = {"torch": "==2.13.*", "transformers": ">=4.48,<6"}
 _warned: set[str] = set()
 
 
@@ -101,8 +113,8 @@ def version_warnings() -> list[str]:
             continue
         if not SpecifierSet(spec).contains(installed, prereleases=True):
             lines.append(
-                f"bt_plugin is tested with {package}{spec}, found {installed}: layers whose structure "
-                "does not match a spec stay stock (see bt_plugin.explain)"
+                f"bt_plugin is tested with {package}{spec}, found {installed} (untested): layers whose "
+                "structure does not match a spec stay stock (see bt_plugin.explain)"
             )
     return lines
 

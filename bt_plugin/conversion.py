@@ -58,6 +58,9 @@ def plan(model: nn.Module, kernel: str = "auto") -> Plan:
         return Plan(None, concrete, "the model has no transformers config.model_type (not a transformers model)")
     spec, reason = registry.spec_for_config(config)
     if spec is None:
+        absent = registry.absent_reason_for_model_type(model_type)
+        if absent:
+            return Plan(None, concrete, f"model_type {model_type!r} is not served here: {absent}")
         supported = ", ".join(registry.supported_model_types())
         return Plan(None, concrete, f"model_type {model_type!r} is not supported (supported: {supported})")
     result = Plan(spec, concrete, reason)

@@ -67,21 +67,24 @@ def hook_active() -> bool:
 def families() -> list[dict[str, Any]]:
     """Each registered family with its model types and where it comes from: bt_plugin's own
     `bt_plugin.patches`, or a third-party distribution's entry point."""
-    from bt_plugin.registry import _load_entry_point, builtin_specs, third_party_entry_points
+    from bt_plugin.registry import _load_entry_point, absent_families, builtin_specs, third_party_entry_points
 
+    absent = absent_families()
     rows = [{"family": spec.name, "entry_point": None, "distribution": "bt-plugin", "built_in": True,
-             "model_types": list(spec.model_types), "error": None} for spec in builtin_specs()]
+             "model_types": list(spec.model_types), "error": None, "absent": absent.get(spec.name)}
+            for spec in builtin_specs()]
     for entry_point in third_party_entry_points():
         dist = entry_point.dist.name if entry_point.dist else None
         try:
             specs = _load_entry_point(entry_point)
         except Exception as error:
             rows.append({"family": None, "entry_point": entry_point.name, "distribution": dist, "built_in": False,
-                         "model_types": [], "error": f"{type(error).__name__}: {error}"})
+                         "model_types": [], "error": f"{type(error).__name__}: {error}", "absent": None})
             continue
         for spec in specs:
             rows.append({"family": spec.name, "entry_point": entry_point.name, "distribution": dist,
-                         "built_in": False, "model_types": list(spec.model_types), "error": None})
+                         "built_in": False, "model_types": list(spec.model_types), "error": None,
+                         "absent": absent.get(spec.name)})
     return rows
 
 
@@ -117,6 +120,8 @@ def format_text(report: dict[str, Any]) -> str:
         else:
             source = " (built in)" if row["built_in"] else f" (entry point {row['entry_point']})"
             lines.append(f"  {row['family']:<26} from {row['distribution']}{source}: {', '.join(row['model_types'])}")
+            if row["absent"]:
+                lines.append(f"  {'':<26} skipped: {row['absent']}")
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from bt_plugin.activations import activation_name
-from bt_plugin.compat import attention_lookup, is_transformers_capture_hook, recorded_outputs
+from bt_plugin.compat import attention_lookup, is_transformers_capture_hook, recorded_outputs, version_in
 from bt_plugin.spec import EncoderSpec, resolve_roles
 
 _LINEARS = ("query", "key", "value", "out_proj", "linear1", "linear2")
@@ -89,6 +89,9 @@ def layer_code_reason(spec: EncoderSpec) -> str | None:
     interface to route per-sequence attention through), or None."""
     if spec.binned or not spec.attention_interface:
         return None
+    if isinstance(spec.attention_interface, str) and not version_in(spec.attention_interface):
+        return (f"{spec.name} layers compute attention with their own code outside "
+                f"transformers{spec.attention_interface}")
     return attention_lookup()[1]
 
 

@@ -295,10 +295,10 @@ def path_for(layer, hidden) -> tuple[object | None, str | None, str | None]:
     fused = fused_reason(layer, spec, hidden, kernel)
     if fused is None:
         return kernel, None, None
-    refused = layer.__dict__.get("_bt_layercode_reason") or layer_code_reason(spec)
+    refused = layer.__dict__.get("_bt_layercode_reason")
     served = None if refused else layer_code_serves(layer, spec)
-    if not served:
-        return None, None, refused or fused
+    if not served:  # without a fused layout, why the layer code cannot run says more
+        return None, None, refused or (None if spec.has_fused_layout else layer_code_reason(spec)) or fused
     return _own_code_kernel(spec), served, None
 
 
@@ -414,6 +414,11 @@ def _eligible(layer, hidden, named: dict, mask):
         reads = padded_reads_of(layer)
         if reason is None and kernel is FASTPATH and reads.computes_padded_rows(keep):
             reason = f"padded positions are read ({reads.why}); {kernel.name} drops them (packed computes them)"
+        if reason is None and isinstance(mask, torch.Tensor) and mask.is_floating_point() \
+                and reads.computes_padded_rows(keep) and not bool(keep.any(dim=1).all()):
+            # under an additive mask (transformers 4.x) stock attends uniformly to every key there
+            reason = (f"padded positions are read ({reads.why}) and a row had no real token under an "
+                      "additive mask")
     return kernel, note, keep, reason
 
 

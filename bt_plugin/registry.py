@@ -6,11 +6,16 @@ installed copy (or an installed copy of another version) must not change which b
 A third-party distribution adds a family by declaring an entry point in the group
 `bt_plugin.patches` that points at an `EncoderSpec` (or a list of them). A broken entry point is
 skipped with one warning; the rest keeps working.
+
+A family none of whose layer modules exist in the running transformers version (ModernBERT
+before 4.48, EuroBERT before 5.x) is skipped, with the reason `explain()` and `doctor` show
+(`absent_families`); it never raises.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import threading
 import warnings
 
@@ -21,6 +26,7 @@ BUILTIN_PACKAGE = "bt_plugin.patches"
 
 _lock = threading.Lock()
 _specs: dict[str, EncoderSpec] | None = None
+_absent: dict[str, tuple[EncoderSpec, str]] = {}
 
 
 def _as_specs(loaded) -> list[EncoderSpec]:
@@ -57,6 +63,49 @@ def third_party_entry_points() -> list:
     ]
 
 
+def absent_reason(spec: EncoderSpec) -> str | None:
+    """Why the running transformers cannot have this family's layers (none of their modules
+    exists, or the spec describes other versions' layers), or None. Looks modules up without
+    importing them."""
+    from bt_plugin.compat import transformers_version, version_in
+
+    if spec.transformers and not version_in(spec.transformers):
+        return (f"the {spec.name} spec describes the layers of transformers{spec.transformers}, "
+                f"not those of {transformers_version()}")
+    modules = dict.fromkeys(dotted.rpartition(".")[0] for dotted in spec.layer_classes)
+    for module in modules:
+        try:
+            if importlib.util.find_spec(module) is not None:
+                return None
+        except (ImportError, ValueError):  # a missing parent package
+            continue
+    names = ", ".join(dotted.rpartition(".")[2] for dotted in spec.layer_classes)
+    return f"transformers {transformers_version()} has no {names} (the {spec.name} family needs another version)"
+
+
+def _present(specs: dict[str, EncoderSpec]) -> dict[str, EncoderSpec]:
+    present = {}
+    for name, spec in specs.items():
+        reason = absent_reason(spec)
+        if reason:
+            _absent[name] = (spec, reason)
+        else:
+            present[name] = spec
+    return present
+
+
+def absent_families() -> dict[str, str]:
+    """`{family: reason}` for the registered families this transformers version does not have."""
+    all_specs()
+    return {name: reason for name, (_, reason) in _absent.items()}
+
+
+def absent_reason_for_model_type(model_type: str) -> str | None:
+    """The reason of an absent family serving `model_type` (e.g. a remote-code model), or None."""
+    all_specs()
+    return next((reason for spec, reason in _absent.values() if model_type in spec.model_types), None)
+
+
 def _discover() -> dict[str, EncoderSpec]:
     specs: dict[str, EncoderSpec] = {spec.name: spec for spec in builtin_specs()}
     for entry_point in third_party_entry_points():
@@ -76,12 +125,14 @@ def _discover() -> dict[str, EncoderSpec]:
 
 
 def all_specs() -> dict[str, EncoderSpec]:
-    """Every registered spec by family name (entry points are read once, lazily)."""
+    """Every registered spec present in this transformers version, by family name (entry points
+    are read once, lazily; absent families are in `absent_families`)."""
     global _specs
     if _specs is None:
         with _lock:
             if _specs is None:
-                _specs = _discover()
+                _absent.clear()
+                _specs = _present(_discover())
     return _specs
 
 

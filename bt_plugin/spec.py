@@ -49,7 +49,8 @@ class EncoderSpec:
             row). A converted model whose class name ends with a suffix gets those padded rows
             computed as stock (see `bt_plugin.heads`); first match wins.
         attention_interface: Whether the layer computes attention through transformers' attention
-            interface (`ALL_ATTENTION_FUNCTIONS.get_interface`). Then the layer's own code can run
+            interface (`ALL_ATTENTION_FUNCTIONS`): True, or the transformers versions in which it
+            does (a PEP 440 specifier such as `">=5.0"`; BERT's own SDPA code came before). Then the layer's own code can run
             on packed real tokens (the `layercode` path, see `bt_plugin.layercode`) whenever a
             fused kernel cannot serve it: adapters, quantized linears, rotary / gated layers. A
             spec with no fused roles (query ... num_heads all None) is served by that path only.
@@ -70,6 +71,10 @@ class EncoderSpec:
             that layer stock (T5's decoder blocks share the encoder's block class).
         layer_kwargs: Keyword arguments the encoder loop passes to every layer that the
             layer-code path packs with the hidden states (e.g. rotary `position_embeddings`).
+        transformers: The transformers versions (a PEP 440 specifier, e.g. `">=5.1"`) whose layers
+            this spec describes; outside them the registry skips the family with a reason
+            (ModernBERT's layers took a separate sliding-window mask before 5.1). None: every
+            version that has the layer classes.
         config_checks: Callables `config -> reason | None`; a reason leaves the model stock.
         layer_checks: Callables `layer -> reason | None` run on every call (for settings a
             model can switch at run time); a reason runs the stock forward for that call.
@@ -103,13 +108,14 @@ class EncoderSpec:
     mask_marks_padding: bool = False
     reads_padding: bool = False
     head_reads: tuple[tuple[str, str], ...] = ()
-    attention_interface: bool = False
+    attention_interface: bool | str = False
     score_bias: str | None = None
     binned: bool = False
     pass_through: tuple[str, ...] = ()
     other_layouts: tuple[dict[str, Any], ...] = ()
     conversion_checks: tuple[Callable[[Any], "str | None"], ...] = field(default=())
     layer_kwargs: tuple[str, ...] = ()
+    transformers: str | None = None
     config_checks: tuple[ConfigCheck, ...] = field(default=())
     layer_checks: tuple[Callable[[Any], "str | None"], ...] = field(default=())
     layout: dict[str, Any] | None = field(default=None, compare=False)  # set on an other-layout variant

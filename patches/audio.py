@@ -62,7 +62,7 @@ _WAV2VEC2_PATHS = dict(
     linear2="feed_forward.output_dense",
     norm2="final_layer_norm",
     num_heads="attention.num_heads",
-    attention_interface=True,  # their attention calls ALL_ATTENTION_FUNCTIONS: adapters run layer code
+    attention_interface=">=4.53",  # their attention calls ALL_ATTENTION_FUNCTIONS: adapters run layer code
 )
 
 # CTC and frame classification read every frame of a padded batch (`batch_decode(logits.argmax(-1))`).
@@ -110,7 +110,7 @@ WHISPER = EncoderSpec(
     layer_classes=(f"{_MODELS}.whisper.modeling_whisper.WhisperEncoderLayer",),
     norm_first=True,
     **BART_LAYER_PATHS,
-    attention_interface=True,
+    attention_interface=">=4.53",
 )
 
 SPEECH_TO_TEXT = EncoderSpec(
@@ -119,7 +119,7 @@ SPEECH_TO_TEXT = EncoderSpec(
     layer_classes=(f"{_MODELS}.speech_to_text.modeling_speech_to_text.Speech2TextEncoderLayer",),
     norm_first=True,
     **BART_LAYER_PATHS,
-    attention_interface=True,
+    attention_interface=">=4.53",
 )
 
 SPECS: list[EncoderSpec] = [WAV2VEC2, WAV2VEC2_STABLE_LAYER_NORM, WHISPER, SPEECH_TO_TEXT]

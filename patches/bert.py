@@ -54,6 +54,6 @@ SPEC = EncoderSpec(
     ),
     **BERT_LAYER_PATHS,
     head_reads=TEXT_HEAD_READS,
-    attention_interface=True,  # BertSelfAttention calls ALL_ATTENTION_FUNCTIONS: adapters run padding-free
+    attention_interface=">=5.0",  # BertSelfAttention calls ALL_ATTENTION_FUNCTIONS since 5.0: adapters run padding-free
     config_checks=(ENCODER_ONLY,),
 )

@@ -14,6 +14,12 @@ each layer's own mask is restricted to each sequence's real tokens).
 - eurobert: pre-RMSNorm, grouped-query attention; `position_ids` also reach the layer.
 - esm: pre-LN BERT-like layers, rotary (ESM-2) or absolute positions (ESM-1b); `is_decoder` /
   `add_cross_attention` configurations stay stock.
+- Versions (read off every release's layer signature): ModernBERT's layers took a separate
+  `sliding_window_mask`, `cu_seqlens` and computed rotary inside attention before 5.1; ESM's
+  attention applied rotary itself (on packed positions that would be wrong) before 5.6. Those
+  specs are limited to the versions they describe (`transformers=`): before, the registry skips
+  them with a reason and the models stay stock. GTE, NomicBERT, Jina v3 and EuroBERT arrived
+  (5.3 - 5.18) with today's convention.
 - roformer: examined, not registered: its self-attention is its own eager code (no attention
   interface), so packed tokens would attend across sequences.
 """
@@ -26,7 +32,8 @@ _ROTARY = dict(attention_interface=True, layer_kwargs=("position_embeddings",), 
 
 SPECS: list[EncoderSpec] = [
     EncoderSpec(name="modernbert", model_types=("modernbert",),
-                layer_classes=(f"{_MODELS}.modernbert.modeling_modernbert.ModernBertEncoderLayer",), **_ROTARY),
+                layer_classes=(f"{_MODELS}.modernbert.modeling_modernbert.ModernBertEncoderLayer",),
+                transformers=">=5.1", **_ROTARY),
     EncoderSpec(name="gte", model_types=("gte",),
                 layer_classes=(f"{_MODELS}.gte.modeling_gte.GteLayer",), **_ROTARY),
     EncoderSpec(name="nomic_bert", model_types=("nomic_bert",),
@@ -39,5 +46,5 @@ SPECS: list[EncoderSpec] = [
                 **{**_ROTARY, "layer_kwargs": ("position_embeddings", "position_ids")}),
     EncoderSpec(name="esm", model_types=("esm",),
                 layer_classes=(f"{_MODELS}.esm.modeling_esm.EsmLayer",),
-                config_checks=(ENCODER_ONLY,), **_ROTARY),
+                config_checks=(ENCODER_ONLY,), transformers=">=5.6", **_ROTARY),
 ]

@@ -58,7 +58,7 @@ BART = EncoderSpec(
     ),
     norm_first=False,
     **BART_LAYER_PATHS,
-    attention_interface=True,  # calls ALL_ATTENTION_FUNCTIONS (MVP and FSMT do not)
+    attention_interface=">=4.53",  # calls ALL_ATTENTION_FUNCTIONS (MVP and FSMT do not)
 )
 
 MBART = EncoderSpec(
@@ -72,7 +72,7 @@ MBART = EncoderSpec(
     ),
     norm_first=True,
     **BART_LAYER_PATHS,
-    attention_interface=True,  # calls ALL_ATTENTION_FUNCTIONS (MVP and FSMT do not)
+    attention_interface=">=4.53",  # calls ALL_ATTENTION_FUNCTIONS (MVP and FSMT do not)
 )
 
 

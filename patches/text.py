@@ -67,7 +67,7 @@ BERT_LAYOUT = EncoderSpec(
     head_reads=(("DPRReader", "every"), ("DPRContextEncoder", "first"), ("DPRQuestionEncoder", "first"),
                 *TEXT_HEAD_READS),
     config_checks=(ENCODER_ONLY,),
-    attention_interface=True,
+    attention_interface=">=5.0",
 )
 
 # DistilBERT's TransformerBlock: post-layer-norm, attention projections named q/k/v/out_lin.
@@ -86,7 +86,7 @@ DISTILBERT = EncoderSpec(
     norm2="output_layer_norm",
     num_heads="attention.n_heads",
     head_reads=TEXT_HEAD_READS,
-    attention_interface=True,
+    attention_interface=">=5.0",
 )
 
 # ALBERT: one AlbertLayer per layer group (by default one group, one layer), called
@@ -107,7 +107,7 @@ ALBERT = EncoderSpec(
     norm2="full_layer_layer_norm",
     num_heads="attention.num_attention_heads",
     head_reads=TEXT_HEAD_READS,
-    attention_interface=True,
+    attention_interface=">=5.0",
 )
 
 # XLM-RoBERTa-XL: pre-layer-norm (the encoder applies a final LayerNorm after the stack).
@@ -119,7 +119,7 @@ XLM_ROBERTA_XL = EncoderSpec(
     norm_first=True,
     config_checks=(ENCODER_ONLY,),
     head_reads=TEXT_HEAD_READS,
-    attention_interface=True,
+    attention_interface=">=5.0",
 )
 
 # RoBERTa-PreLayerNorm: pre-layer-norm, the norms live in the attention and intermediate blocks.
@@ -131,7 +131,7 @@ ROBERTA_PRELAYERNORM = EncoderSpec(
     norm_first=True,
     config_checks=(ENCODER_ONLY,),
     head_reads=TEXT_HEAD_READS,
-    attention_interface=True,
+    attention_interface=">=5.0",
 )
 
 # BERT's layer layout again, post-layer-norm, in the older call convention: the encoder passes

@@ -45,8 +45,9 @@ def _config_flag_false(name: str, why: str):
     return check
 
 
-# Every layer below computes attention through transformers' attention interface
-# (`attention_interface=True`): with a replaced projection (an adapter) it runs its own code.
+# Every layer below computes attention through transformers' attention interface in the versions
+# given by `attention_interface` (read off each release): with a replaced projection (an adapter)
+# it runs its own code there.
 
 # ViTLayer and its copies (ViT, DeiT, ViT-MAE, ViT-MSN, I-JEPA, Pixio, ViViT): the mask is argument 1.
 _VIT_PATHS = dict(
@@ -54,7 +55,7 @@ _VIT_PATHS = dict(
     norm1="layernorm_before", linear1="mlp.fc1", activation="mlp.activation_fn", linear2="mlp.fc2",
     norm2="layernorm_after", num_heads="attention.num_attention_heads", attention_scale="attention.scaling",
     norm_first=True,
-    attention_interface=True,
+    attention_interface=">=4.51",
 )
 
 # The BERT-style names every ViT copy had before transformers 5.x renamed them (YOLOS, VideoMAE
@@ -69,7 +70,7 @@ _BERT_NAMED_ROLES = dict(
 _VIT_PATHS["other_layouts"] = (_BERT_NAMED_ROLES,)
 _VIT_BERT_NAMED_PATHS = dict(
     _BERT_NAMED_ROLES, norm1="layernorm_before", norm2="layernorm_after", norm_first=True,
-    attention_interface=True,
+    attention_interface=">=4.51",
 )
 
 # DINOv2 (and with registers): ViT attention, norm1/norm2, LayerScale on both branches.
@@ -78,7 +79,12 @@ _DINOV2_PATHS = dict(
     norm1="norm1", linear1="mlp.fc1", activation="mlp.activation_fn", linear2="mlp.fc2", norm2="norm2",
     num_heads="attention.num_attention_heads", attention_scale="attention.scaling",
     layer_scale1="layer_scale1.lambda1", layer_scale2="layer_scale2.lambda1", norm_first=True,
-    attention_interface=True, other_layouts=(_BERT_NAMED_ROLES,),
+    attention_interface=">=4.51",
+    # before 5.18: BERT-style attention names, `mlp.activation`
+    other_layouts=(dict(
+        {role: _BERT_NAMED_ROLES[role] for role in ("query", "key", "value", "out_proj", "num_heads", "attention_scale")},
+        activation="mlp.activation",
+    ),),
 )
 
 # CLIPEncoderLayer and its copies: `layer(hidden_states, attention_mask, **kwargs)`.
@@ -86,7 +92,7 @@ _CLIP_PATHS = dict(
     query="self_attn.q_proj", key="self_attn.k_proj", value="self_attn.v_proj", out_proj="self_attn.out_proj",
     norm1="layer_norm1", linear1="mlp.fc1", activation="mlp.activation_fn", linear2="mlp.fc2",
     norm2="layer_norm2", num_heads="self_attn.num_heads", attention_scale="self_attn.scale", norm_first=True,
-    attention_interface=True,
+    attention_interface=">=4.53",
 )
 
 _SWIGLU = _config_flag_false(
@@ -155,7 +161,7 @@ SPECS: list[EncoderSpec] = [
         ),
         **_DINOV2_PATHS, config_checks=(_SWIGLU,),
     ),
-    # CLIP-style contrastive families: the composite type (both towers) and the vision tower
+    # CLIP-style contrastive families (attention through the interface since 4.53, OWL-ViT since 5.4): the composite type (both towers) and the vision tower
     # loaded on its own. Where the text tower is built from the same layer class, its layers are
     # converted too but fall back to the stock forward on every call (`layer_checks`).
     EncoderSpec(name="clip", model_types=("clip", "clip_vision_model"),
@@ -166,15 +172,15 @@ SPECS: list[EncoderSpec] = [
                 **_CLIP_PATHS, layer_checks=(_CAUSAL_TEXT_TOWER,)),
     EncoderSpec(name="owlvit", model_types=("owlvit", "owlvit_vision_model"),
                 layer_classes=(f"{_MODELS}.owlvit.modeling_owlvit.OwlViTEncoderLayer",),
-                **_CLIP_PATHS, layer_checks=(_CAUSAL_TEXT_TOWER,)),
+                **{**_CLIP_PATHS, "attention_interface": ">=5.4"}, layer_checks=(_CAUSAL_TEXT_TOWER,)),
     EncoderSpec(name="owlv2", model_types=("owlv2", "owlv2_vision_model"),
                 layer_classes=(f"{_MODELS}.owlv2.modeling_owlv2.Owlv2EncoderLayer",),
-                **_CLIP_PATHS, layer_checks=(_CAUSAL_TEXT_TOWER,)),
+                **{**_CLIP_PATHS, "attention_interface": ">=5.4"}, layer_checks=(_CAUSAL_TEXT_TOWER,)),
     # SigLIP text is bidirectional but pools its LAST position, a padding position in padded
     # rows (the zero-shot pipeline pads to 64): `reads_padding` computes padded rows as stock does.
     EncoderSpec(name="siglip", model_types=("siglip", "siglip_vision_model", "siglip_text_model"),
                 layer_classes=(f"{_MODELS}.siglip.modeling_siglip.SiglipEncoderLayer",),
-                **_CLIP_PATHS, reads_padding=True),
+                **{**_CLIP_PATHS, "attention_interface": ">=4.51"}, reads_padding=True),
     EncoderSpec(name="siglip2", model_types=("siglip2", "siglip2_vision_model", "siglip2_text_model"),
                 layer_classes=(f"{_MODELS}.siglip2.modeling_siglip2.Siglip2EncoderLayer",),
                 **_CLIP_PATHS, reads_padding=True),

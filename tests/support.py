@@ -45,6 +45,35 @@ def save_model(model_type: str, directory, head: bool = False, seed: int = 0, **
     return str(directory)
 
 
+def wordpiece_tokenizer(words: list[str], directory):
+    """A `BertTokenizerFast` over `words` (transformers 5 takes the vocabulary itself; 4.x only a
+    vocabulary file, written to `directory`)."""
+    from pathlib import Path
+
+    from transformers import BertTokenizerFast
+
+    try:
+        return BertTokenizerFast(vocab={word: i for i, word in enumerate(words)})
+    except TypeError:  # transformers 4: the slow tokenizer it builds first needs vocab_file
+        path = Path(directory) / "vocab.txt"
+        path.write_text("\n".join(words) + "\n")
+        return BertTokenizerFast(vocab_file=str(path))
+
+
+def hidden_of(output):
+    """The hidden states a layer returned: a tensor (transformers 5) or the first item of its
+    tuple (4.x layers return `(hidden_states, ...)`)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def records_with_hooks() -> bool:
+    """Whether this transformers records hidden states with forward hooks (5.x's output
+    recorders) rather than in the encoder's own loop."""
+    import importlib.util
+
+    return importlib.util.find_spec("transformers.utils.output_capturing") is not None
+
+
 def padded_batch(lengths: list[int], length: int | None = None, seed: int = 0, pad_token: int = 1):
     """Right-padded `(input_ids, attention_mask)` with the given real lengths."""
     generator = torch.Generator().manual_seed(seed)

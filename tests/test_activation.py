@@ -15,7 +15,6 @@ from transformers import (
     AutoModel,
     AutoModelForSequenceClassification,
     BertModel,
-    BertTokenizerFast,
     GPT2Config,
     GPT2Model,
     pipeline,
@@ -38,8 +37,7 @@ def bert_dir(tmp_path_factory):
     """A saved BertModel (realistic width, 3 layers) with a matching tokenizer next to it."""
     directory = tmp_path_factory.mktemp("bert")
     support.save_model("bert", directory, pad_token_id=0)
-    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(WORDS)})
-    tokenizer.save_pretrained(str(directory))
+    support.wordpiece_tokenizer(WORDS, directory).save_pretrained(str(directory))
     return str(directory)
 
 

@@ -12,7 +12,8 @@ from torch import nn
 from transformers.models.bert.modeling_bert import BertLayer
 
 import bt_plugin
-from support import max_diff_on_real, model_class, padded_batch, save_model
+from bt_plugin.eligibility import layer_code_reason
+from support import hidden_of, max_diff_on_real, model_class, padded_batch, records_with_hooks, save_model
 
 LENGTHS = [9, 16, 4, 13]
 TOL = 1e-5
@@ -147,7 +148,7 @@ def test_output_hidden_states_runs_fused_and_later_calls_stay_fused(model_dir):
     after = counts(conv)
     assert all(f1 == f0 + 1 and b1 == b0 for (f0, b0), (f1, b1) in zip(before, after)), bt_plugin.explain(conv)
     # transformers 5 left its recording hooks installed on the layers ...
-    assert any(len(layer._forward_hooks) for layer in conv.encoder.layer)
+    assert any(len(layer._forward_hooks) for layer in conv.encoder.layer) == records_with_hooks()
     # ... which must not turn every later call into a silent fallback.
     assert_fused_again(conv, stock)
     assert_fused_again(conv, stock, output_hidden_states=True)
@@ -192,7 +193,9 @@ def test_user_forward_hook_falls_back_and_runs(model_dir, where):
     seen = []
 
     def hook(module, args, output):
-        seen.append(type(output))
+        seen.append(type(hidden_of(output)))
+        if isinstance(output, tuple):  # transformers 4.x layers return (hidden_states, ...)
+            return (output[0] * 1.01,) + output[1:]
         return output * 1.01  # the hook changes the result: ignoring it would show
 
     def target(model):
@@ -252,10 +255,15 @@ def test_replaced_query_module_runs_the_layer_code_padding_free(model_dir):
     got, want = run(conv, ids, mask).last_hidden_state, run(stock, ids, mask).last_hidden_state
     assert max_diff_on_real(got, want, mask) <= TOL
     after = counts(conv)
-    assert [f - f0 for (f0, _), (f, _) in zip(before, after)] == [1] * len(after)
-    assert [b - b0 for (_, b0), (_, b) in zip(before, after)] == [0] * len(after)
     layers = bt_plugin.explain(conv).layers
-    assert layers[0].kernel == "layercode" and "attention.self.query" in layers[0].note
+    if layer_code_reason(conv.encoder.layer[0]._bt_spec):  # BERT's own attention code (transformers 4.x)
+        assert [b - b0 for (_, b0), (_, b) in zip(before, after)] == [1] + [0] * (len(after) - 1)
+        assert "attention.self.query" in layers[0].reason and "not torch.nn.Linear" in layers[0].reason
+        assert [f - f0 for (f0, _), (f, _) in zip(before, after)] == [0] + [1] * (len(after) - 1)
+    else:
+        assert [f - f0 for (f0, _), (f, _) in zip(before, after)] == [1] * len(after)
+        assert [b - b0 for (_, b0), (_, b) in zip(before, after)] == [0] * len(after)
+        assert layers[0].kernel == "layercode" and "attention.self.query" in layers[0].note
     assert all(layer.kernel != "layercode" for layer in layers[1:])
     attn.query = original
     assert_fused_again(conv, stock)
@@ -299,8 +307,8 @@ def test_mask_differing_between_query_rows_falls_back(model_dir):
     causal = torch.ones(10, 10, dtype=torch.bool).tril()[None, None].expand(3, 1, 10, 10)
     before = counts(conv)
     with torch.inference_mode():
-        got = layer(hidden, causal)
-        want = BertLayer.forward(stock_layer, hidden, causal)
+        got = hidden_of(layer(hidden, causal))
+        want = hidden_of(BertLayer.forward(stock_layer, hidden, causal))
     assert torch.allclose(got, want, atol=TOL, rtol=0)
     assert_fell_back(conv, before, "query rows", layers=[LAYERS - 1])
 
@@ -308,8 +316,8 @@ def test_mask_differing_between_query_rows_falls_back(model_dir):
     pad = torch.tensor([[1] * 10, [1] * 6 + [0] * 4, [1] * 3 + [0] * 7])
     before = counts(conv)
     with torch.inference_mode():
-        got = layer(hidden, _key_padding_mask_4d(pad))
-        want = BertLayer.forward(stock_layer, hidden, _key_padding_mask_4d(pad))
+        got = hidden_of(layer(hidden, _key_padding_mask_4d(pad)))
+        want = hidden_of(BertLayer.forward(stock_layer, hidden, _key_padding_mask_4d(pad)))
     assert not got.is_nested and got.shape == want.shape
     assert max_diff_on_real(got, want, pad) <= TOL
     assert counts(conv)[-1] == (before[-1][0] + 1, before[-1][1])
@@ -324,8 +332,10 @@ def test_direct_call_of_any_layer_returns_dense_tensor(model_dir, index):
     hidden = torch.randn(3, 10, 256)
     pad = torch.tensor([[1] * 10, [1] * 6 + [0] * 4, [1] * 3 + [0] * 7])
     with torch.inference_mode():
-        got = conv.encoder.layer[index](hidden, _key_padding_mask_4d(pad))
-        want = BertLayer.forward(stock.encoder.layer[index], hidden, _key_padding_mask_4d(pad))
+        out = conv.encoder.layer[index](hidden, _key_padding_mask_4d(pad))
+        stock_out = BertLayer.forward(stock.encoder.layer[index], hidden, _key_padding_mask_4d(pad))
+        assert type(out) is type(stock_out)  # the stock return convention: a tensor or a tuple
+        got, want = hidden_of(out), hidden_of(stock_out)
     assert isinstance(got, torch.Tensor) and not got.is_nested
     assert got.shape == want.shape
     assert max_diff_on_real(got, want, pad) <= TOL

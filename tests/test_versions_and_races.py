@@ -24,7 +24,8 @@ def test_an_unsupported_transformers_version_is_reported_once(monkeypatch, caplo
     monkeypatch.setattr(metadata, "version", lambda name: "4.40.0" if name == "transformers" else real(name))
     monkeypatch.setattr(compat, "_warned", set())
     lines = compat.version_warnings()
-    assert len(lines) == 1 and "transformers>=5.0,<6" in lines[0] and "4.40.0" in lines[0]
+    assert len(lines) == 1 and f"transformers{compat.SUPPORTED_VERSIONS['transformers']}" in lines[0]
+    assert "4.40.0" in lines[0]
     with caplog.at_level(logging.WARNING, logger="bt_plugin"):
         bt_plugin.enable()
         bt_plugin.enable()
@@ -97,3 +98,56 @@ def test_convert_refuses_what_is_not_a_transformers_model():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         bt_plugin.convert("bert-base-uncased")
     assert "not a transformers model" in bt_plugin.explain(torch.nn.Linear(2, 2)).reason
+
+
+def test_every_registered_family_is_present_or_skipped_with_a_version_reason():
+    from bt_plugin import registry
+    from bt_plugin.patches import BUILTIN_FAMILIES  # noqa: F401  (the built-ins are registered)
+
+    present, absent = registry.all_specs(), registry.absent_families()
+    assert not set(present) & set(absent)
+    assert {spec.name for spec in registry.builtin_specs()} <= set(present) | set(absent)
+    for name, reason in absent.items():
+        assert compat.transformers_version() in reason, (name, reason)
+    for spec in present.values():  # a present family's layer classes import
+        assert spec.resolve_layer_classes(), spec.name
+
+
+def _absent_with_a_config():
+    """Absent families whose model type transformers still has (ModernBERT before 5.1, ...)."""
+    import transformers
+
+    from bt_plugin import registry
+
+    found = []
+    for name, reason in registry.absent_families().items():
+        spec = registry._absent[name][0]
+        for model_type in spec.model_types:
+            if model_type in transformers.CONFIG_MAPPING and not registry.specs_for_model_type(model_type):
+                found.append((model_type, reason))
+    return found
+
+
+@pytest.mark.parametrize("absent_type, reason", _absent_with_a_config())  # not `model_type`: conftest skips those
+def test_a_model_of_an_absent_family_stays_stock_with_the_reason(absent_type, reason, tmp_path):
+    import torch
+    import transformers
+
+    config = transformers.CONFIG_MAPPING[absent_type](
+        vocab_size=100, hidden_size=64, num_attention_heads=2, intermediate_size=128, num_hidden_layers=2,
+        pad_token_id=0)
+    torch.manual_seed(0)
+    transformers.AutoModel.from_config(config).save_pretrained(tmp_path)
+    stock = transformers.AutoModel.from_pretrained(tmp_path)
+    with bt_plugin.enabled():
+        loaded = transformers.AutoModel.from_pretrained(tmp_path)
+    assert not bt_plugin.is_converted(loaded)
+    assert reason in bt_plugin.explain(loaded).reason
+    with pytest.raises(ValueError, match="not served here"):
+        bt_plugin.convert(transformers.AutoModel.from_config(config))
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with torch.inference_mode():
+        want = stock(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = loaded(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(want, got)
