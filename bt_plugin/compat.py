@@ -2,7 +2,9 @@
 
 What changes between the versions bt_plugin supports (4.48 ... 5.x) and where it is handled:
 
-- How hidden states and attentions are collected. transformers 5 records `output_hidden_states` /
+- How hidden states and attentions are collected. From 4.5x to early 5.x, `check_model_inputs`
+  replaces the recorded modules' `forward` for the duration of a call (`capture_wrapped`).
+  transformers 5 records `output_hidden_states` /
   `output_attentions` with forward hooks that stay installed after the first call that asked for
   them; they record only when the current call's collector holds their key, so "a hook is
   installed" does not mean "this call records" (`recorded_outputs`). Encoders written before the
@@ -81,6 +83,14 @@ def recorded_outputs() -> frozenset[str]:
     if not collected:
         return frozenset()
     return frozenset(key for key in collected if not key.startswith("_"))
+
+
+def capture_wrapped(module) -> bool:
+    """Whether the module's `forward` is replaced on the instance: transformers' `check_model_inputs`
+    (4.5x - early 5.x, before the output recorders) does that for the duration of a call to record
+    the module's output (its wrapper copies the original's name, so any instance-level `forward`
+    counts; accelerate's offload hooks look the same and are equally best left alone)."""
+    return "forward" in module.__dict__
 
 
 def is_transformers_capture_hook(hook) -> bool:

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from bt_plugin.activations import activation_name
-from bt_plugin.compat import attention_lookup, is_transformers_capture_hook, recorded_outputs, version_in
+from bt_plugin.compat import (
+    attention_lookup, capture_wrapped, is_transformers_capture_hook, recorded_outputs, version_in,
+)
 from bt_plugin.spec import EncoderSpec, resolve_roles
 
 _LINEARS = ("query", "key", "value", "out_proj", "linear1", "linear2")
@@ -190,6 +192,9 @@ def hook_reason(layer: nn.Module) -> str | None:
     pending = [layer]
     while pending:  # a plain walk: named_modules() is too slow to run on every call
         module = pending.pop()
+        if module is not layer and capture_wrapped(module):  # attentions recorded (transformers 4.5x)
+            name = next(n for n, m in layer.named_modules() if m is module)
+            return f"the forward of {name} was replaced for this call (outputs recorded: output_attentions=True?)"
         if (module._forward_hooks or module._forward_pre_hooks) and _has_user_hook(module):
             name = next(n for n, m in layer.named_modules() if m is module)
             return f"forward hooks were registered on {name or 'the layer'}"

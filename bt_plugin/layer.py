@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from bt_plugin.activations import activation_name
-from bt_plugin.compat import recorded_outputs
+from bt_plugin.compat import capture_wrapped, recorded_outputs
 from bt_plugin.eligibility import call_reason, fused_reason, layer_code_reason, layer_code_serves, mode_reason
 from bt_plugin.heads import PaddedReads, padded_reads
 from bt_plugin.binned import BINNED, run_binned
@@ -440,7 +440,8 @@ def _stays_packed(layer, hidden, kernel) -> bool:
     layers = live_layers(layer)
     if layers is None or len(layers) < 2 or layers[0] is not layer:
         return False
-    if "hidden_states" in recorded_outputs() or running_frame(layer).collects_outputs:
+    if "hidden_states" in recorded_outputs() or running_frame(layer).collects_outputs \
+            or any(capture_wrapped(other) for other in layers):
         return False
     for other in list(layers)[1:]:
         if not isinstance(other, FusedLayer) or path_for(other, hidden)[0] is not kernel:

@@ -73,12 +73,11 @@ AUDIO_HEAD_READS = (("ForCTC", "every"), ("ForAudioFrameClassification", "every"
 
 WAV2VEC2 = EncoderSpec(
     name="wav2vec2",
-    model_types=("wav2vec2", "hubert", "data2vec-audio", "sew", "unispeech", "unispeech-sat"),
+    model_types=("wav2vec2", "hubert", "data2vec-audio", "unispeech", "unispeech-sat"),
     layer_classes=(
         f"{_MODELS}.wav2vec2.modeling_wav2vec2.Wav2Vec2EncoderLayer",
         f"{_MODELS}.hubert.modeling_hubert.HubertEncoderLayer",
         f"{_MODELS}.data2vec.modeling_data2vec_audio.Data2VecAudioEncoderLayer",
-        f"{_MODELS}.sew.modeling_sew.SEWEncoderLayer",
         f"{_MODELS}.unispeech.modeling_unispeech.UniSpeechEncoderLayer",
         f"{_MODELS}.unispeech_sat.modeling_unispeech_sat.UniSpeechSatEncoderLayer",
     ),
@@ -86,6 +85,18 @@ WAV2VEC2 = EncoderSpec(
     head_reads=AUDIO_HEAD_READS,
     config_checks=(_no_stable_layer_norm,),
     **_WAV2VEC2_PATHS,
+)
+
+# SEW: the same layer, between a squeeze of the frames and an upsampling after the stack. Before
+# transformers 5.13 its squeezed mask rounded down, so the real frames at the end of a row were
+# upsampled from a padded squeezed position (the encoder itself read padded rows); since 5.13
+# the mask is max-pooled.
+SEW = replace(
+    WAV2VEC2,
+    name="sew",
+    model_types=("sew",),
+    layer_classes=(f"{_MODELS}.sew.modeling_sew.SEWEncoderLayer",),
+    transformers=">=5.13",
 )
 
 # The pre-LN variant of the same model types: the registry picks, per model type, the first spec
@@ -122,4 +133,4 @@ SPEECH_TO_TEXT = EncoderSpec(
     attention_interface=">=4.53",
 )
 
-SPECS: list[EncoderSpec] = [WAV2VEC2, WAV2VEC2_STABLE_LAYER_NORM, WHISPER, SPEECH_TO_TEXT]
+SPECS: list[EncoderSpec] = [WAV2VEC2, SEW, WAV2VEC2_STABLE_LAYER_NORM, WHISPER, SPEECH_TO_TEXT]

@@ -73,6 +73,12 @@ _VIT_BERT_NAMED_PATHS = dict(
     attention_interface=">=4.51",
 )
 
+# Before 5.18 (DINOv2) / 5.x (Pixio): BERT-style attention names, `norm1`/`norm2`, `mlp.activation`.
+_NORM12_BERT_NAMED = dict(
+    {role: _BERT_NAMED_ROLES[role] for role in ("query", "key", "value", "out_proj", "num_heads", "attention_scale")},
+    norm1="norm1", norm2="norm2", linear1="mlp.fc1", activation="mlp.activation", linear2="mlp.fc2",
+)
+
 # DINOv2 (and with registers): ViT attention, norm1/norm2, LayerScale on both branches.
 _DINOV2_PATHS = dict(
     query="attention.q_proj", key="attention.k_proj", value="attention.v_proj", out_proj="attention.o_proj",
@@ -80,11 +86,7 @@ _DINOV2_PATHS = dict(
     num_heads="attention.num_attention_heads", attention_scale="attention.scaling",
     layer_scale1="layer_scale1.lambda1", layer_scale2="layer_scale2.lambda1", norm_first=True,
     attention_interface=">=4.51",
-    # before 5.18: BERT-style attention names, `mlp.activation`
-    other_layouts=(dict(
-        {role: _BERT_NAMED_ROLES[role] for role in ("query", "key", "value", "out_proj", "num_heads", "attention_scale")},
-        activation="mlp.activation",
-    ),),
+    other_layouts=(_NORM12_BERT_NAMED,),
 )
 
 # CLIPEncoderLayer and its copies: `layer(hidden_states, attention_mask, **kwargs)`.
@@ -132,7 +134,8 @@ SPECS: list[EncoderSpec] = [
     EncoderSpec(name="ijepa", model_types=("ijepa",),
                 layer_classes=(f"{_MODELS}.ijepa.modeling_ijepa.IJepaLayer",), **_VIT_PATHS),
     EncoderSpec(name="pixio", model_types=("pixio",),
-                layer_classes=(f"{_MODELS}.pixio.modeling_pixio.PixioLayer",), **_VIT_PATHS),
+                layer_classes=(f"{_MODELS}.pixio.modeling_pixio.PixioLayer",),
+                **{**_VIT_PATHS, "other_layouts": (_NORM12_BERT_NAMED,)}),
     EncoderSpec(name="vivit", model_types=("vivit",),
                 layer_classes=(f"{_MODELS}.vivit.modeling_vivit.VivitLayer",), **_VIT_PATHS),
     EncoderSpec(

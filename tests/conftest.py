@@ -25,15 +25,21 @@ def one_torch_thread():
 
 
 def pytest_collection_modifyitems(config, items):
-    """A test parametrized with a `model_type` whose family this transformers version does not
+    """A test parametrized with a `model_type` (or a `spec`) whose family this transformers version does not
     have (the registry skips it, `bt_plugin.registry.absent_families`) is skipped with that
     reason; `tests/test_versions_and_races.py` checks such models stay stock with it."""
     from bt_plugin import registry
 
+    from bt_plugin.spec import EncoderSpec
+
+    absent = registry.absent_families()
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        model_type = params.get("model_type")
+        model_type, spec = params.get("model_type"), params.get("spec")
+        reason = None
         if isinstance(model_type, str) and not registry.specs_for_model_type(model_type):
             reason = registry.absent_reason_for_model_type(model_type)
-            if reason:
-                item.add_marker(pytest.mark.skip(reason=reason))
+        elif isinstance(spec, EncoderSpec):
+            reason = absent.get(spec.name)
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))

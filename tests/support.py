@@ -60,6 +60,14 @@ def wordpiece_tokenizer(words: list[str], directory):
         return BertTokenizerFast(vocab_file=str(path))
 
 
+def present(specs: list) -> list:
+    """The specs of `specs` whose family this transformers version has (the registry skips the
+    others with a reason, checked in tests/test_versions_and_races.py)."""
+    from bt_plugin import registry
+
+    return [spec for spec in specs if spec.name in registry.all_specs()]
+
+
 def hidden_of(output):
     """The hidden states a layer returned: a tensor (transformers 5) or the first item of its
     tuple (4.x layers return `(hidden_states, ...)`)."""

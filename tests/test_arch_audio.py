@@ -19,6 +19,7 @@ from bt_plugin import registry
 from bt_plugin.layer import FusedLayer
 from bt_plugin.patches import audio
 from bt_plugin.spec import OPTIONAL_ROLES, ROLES, resolve_path
+from support import present
 
 ATOL = 1e-5
 LAYERS = 2
@@ -39,7 +40,7 @@ SEQ2SEQ = {
     "speech_to_text": ("Speech2TextConfig", "Speech2TextModel", "Speech2TextForConditionalGeneration"),
 }
 ARCHITECTURES = {**WAV2VEC2_FAMILY, **SEQ2SEQ}
-FAMILY = {**{t: "wav2vec2" for t in WAV2VEC2_FAMILY}, "whisper": "whisper", "speech_to_text": "speech_to_text"}
+FAMILY = {**{t: "wav2vec2" for t in WAV2VEC2_FAMILY}, "sew": "sew", "whisper": "whisper", "speech_to_text": "speech_to_text"}
 STABLE = ["wav2vec2", "hubert", "unispeech", "unispeech-sat"]  # have a do_stable_layer_norm variant
 MEL_BINS, WHISPER_POSITIONS = 80, 32  # Whisper reads exactly 2 * max_source_positions mel frames
 
@@ -242,9 +243,9 @@ ALL_SPECS = [*audio.SPECS, audio.WAV2VEC2_STABLE_LAYER_NORM]
 
 
 def test_every_spec_resolves_its_layer_classes():
-    for spec in ALL_SPECS:
+    for spec in present(ALL_SPECS):
         assert len(spec.resolve_layer_classes()) == len(spec.layer_classes), spec.name
-    for spec in audio.SPECS:
+    for spec in present(audio.SPECS):
         for model_type in spec.model_types:
             assert spec in registry.specs_for_model_type(model_type), model_type
     assert audio.WAV2VEC2_STABLE_LAYER_NORM.name in registry.all_specs()

@@ -259,9 +259,9 @@ def test_a_score_bias_of_the_wrong_shape_runs_stock_with_the_reason(pairs):
     hidden = torch.randn(2, 6, CONFIG["hidden_size"])
     bias = torch.randn(1, CONFIG["num_attention_heads"], 5, 5)  # for 5 tokens, not 6
     with torch.inference_mode(), pytest.raises(RuntimeError):
-        stock_layer(hidden, None, bias)  # stock cannot add it either: the call must still be stock's
+        stock_layer(hidden, None, position_bias=bias)  # stock cannot add it either: the call must still be stock's
     with torch.inference_mode(), pytest.raises(RuntimeError):
-        layer(hidden, None, bias)
+        layer(hidden, None, position_bias=bias)
     assert "the score bias had shape (1, 4, 5, 5)" in bt_plugin.explain(converted).layers[0].reason
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import inspect
+
 import pytest
 import torch
 import transformers
@@ -137,7 +139,8 @@ def _two_towers(name: str, vision: dict, **values):
 
 # the core's own kwargs check (`is_causal=True` under SDPA), its mask check (the causal mask's query
 # rows differ) or, before either, the spec's layer check: whichever names the call first
-CAUSAL = ("text_model.", ("is causal", "is_causal was passed", "differed between query rows"))
+CAUSAL = ("text_model.", ("is causal", "is_causal was passed", "causal_attention_mask was passed",
+                          "differed between query rows"))
 QUICK_GELU = "activation was quick_gelu"
 GELU_TANH = "activation was gelu_tanh"
 
@@ -417,7 +420,10 @@ def _assert_outputs_close(expected, actual, real: list[torch.Tensor]) -> int:
             assert diff <= ATOL, f"{name} differs on real positions by {diff:.3g}"
         else:
             diff = (want - got).abs().max().item() if want.numel() else 0.0
-            assert diff <= ATOL, f"{name} differs by {diff:.3g}"
+            # head outputs far from 1 (OWL-ViT's scaled logits reach ~700) carry fp32's relative
+            # precision: 1e-5 absolute, or 1e-6 of the largest magnitude (8 ulps) above 10
+            scale = want.abs().max().item() if want.numel() else 0.0
+            assert diff <= max(ATOL, 1e-6 * scale), f"{name} differs by {diff:.3g} (largest {scale:.3g})"
         compared += 1
     return compared
 
@@ -481,10 +487,12 @@ def test_output_hidden_states(model_type, kernel, loaded):
     inputs = {**CASES[model_type].inputs(2, 3), "output_hidden_states": True}
     expected, actual = _compare(model_type, kernel, stock, other, inputs)  # every hidden state compared
     recorded = _hidden_state_tuples(expected)
-    assert recorded and all(states is not None for states in recorded)
-    assert [len(s) for s in _hidden_state_tuples(actual)] == [len(s) for s in recorded]
-    image_layers = [layer for layer in bt_plugin.explain(stock).layers if "text_model." not in layer.path]
-    assert len(recorded[-1]) == len(image_layers) + 1  # the image tower's (the only one's) states
+    assert recorded
+    assert [states is None for states in _hidden_state_tuples(actual)] == [states is None for states in recorded]
+    if all(states is not None for states in recorded):  # composite models of transformers 5.0 return none
+        assert [len(s) for s in _hidden_state_tuples(actual)] == [len(s) for s in recorded]
+        image_layers = [layer for layer in bt_plugin.explain(stock).layers if "text_model." not in layer.path]
+        assert len(recorded[-1]) == len(image_layers) + 1  # the image tower's (the only one's) states
     # after a call that recorded hidden states, a plain call is still fused and exact
     _compare(model_type, kernel, stock, other, CASES[model_type].inputs(2, 4))
 
@@ -512,6 +520,8 @@ PATCH_MASKS = {
 )
 def test_patch_attention_mask(model_type, case, kernel, loaded):
     stock, other = _pair(loaded, model_type, head=False, kernel=kernel)
+    if "attention_mask" not in inspect.signature(type(stock).forward).parameters:
+        pytest.skip(f"{type(stock).__name__} takes no attention mask in transformers {transformers.__version__}")
     inputs = CASES[model_type].inputs(3, 6)
     with torch.inference_mode():
         length = stock(**inputs).last_hidden_state.size(1)

@@ -1,0 +1,41 @@
+"""The transformers version matrix CI runs, read from bt_plugin/compat.py without importing it.
+
+`python3 .ci/matrix.py versions`: the pinned releases of TESTED_TRANSFORMERS other than the newest
+(the README's test command installs the newest and runs the whole suite there).
+`python3 .ci/matrix.py tests`: the test modules run on each of them: the core behaviour (enable,
+enabled, disable, zero code, lifecycle, training, save/load, fallback reasons, explain) and parity
+for every registered family present in that version.
+"""
+
+import ast
+import pathlib
+import sys
+
+MATRIX_TESTS = [
+    "tests/test_activation.py", "tests/test_zero_code.py", "tests/test_lifecycle.py", "tests/test_parity.py",
+    "tests/test_fallbacks.py", "tests/test_versions_and_races.py", "tests/test_structure_guard.py",
+    "tests/test_layer_tensors.py", "tests/test_padded_reads.py",
+    "tests/test_arch_text.py", "tests/test_arch_vision.py", "tests/test_arch_audio.py",
+    "tests/test_arch_seq2seq.py", "tests/test_arch_fsmt.py", "tests/test_arch_relative.py",
+    "tests/test_arch_rotary.py",
+]
+
+
+def tested_transformers() -> list[str]:
+    source = (pathlib.Path(__file__).parent.parent / "bt_plugin" / "compat.py").read_text()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "TESTED_TRANSFORMERS" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise SystemExit("TESTED_TRANSFORMERS not found in bt_plugin/compat.py")
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "versions"
+    if what == "versions":
+        print(" ".join(tested_transformers()[:-1]))
+    elif what == "newest":
+        print(tested_transformers()[-1])
+    elif what == "tests":
+        print(" ".join(MATRIX_TESTS))
+    else:
+        raise SystemExit(f"unknown {what!r}: versions, newest or tests")
