@@ -24,6 +24,7 @@ What changes between the versions bt_plugin supports (4.48 ... 5.x) and where it
 
 from __future__ import annotations
 
+import types
 from functools import lru_cache
 
 _CAPTURE_HOOK_MODULE = "transformers.utils.output_capturing"
@@ -86,11 +87,11 @@ def recorded_outputs() -> frozenset[str]:
 
 
 def capture_wrapped(module) -> bool:
-    """Whether the module's `forward` is replaced on the instance: transformers' `check_model_inputs`
-    (4.5x - early 5.x, before the output recorders) does that for the duration of a call to record
-    the module's output (its wrapper copies the original's name, so any instance-level `forward`
-    counts; accelerate's offload hooks look the same and are equally best left alone)."""
-    return "forward" in module.__dict__
+    """Whether transformers' `check_model_inputs` (4.5x - early 5.x, before the output recorders)
+    has replaced this module's `forward` for the current call to record its output: a plain
+    function (its wrapper copies the original's name) set on the instance. Afterwards it puts the
+    bound method back on the instance, which does not count."""
+    return isinstance(module.__dict__.get("forward"), types.FunctionType)
 
 
 def is_transformers_capture_hook(hook) -> bool:

@@ -164,7 +164,10 @@ SPECS: list[EncoderSpec] = [
         ),
         **_DINOV2_PATHS, config_checks=(_SWIGLU,),
     ),
-    # CLIP-style contrastive families (attention through the interface since 4.53, OWL-ViT since 5.4): the composite type (both towers) and the vision tower
+    # CLIP-style contrastive families (attention through the interface since 4.53). OWL-ViT and OWLv2
+    # from 5.4 only: before, their attention is their own eager code, and the detection heads
+    # amplify its last-bit differences to the SDPA the fused path uses (pred_boxes off by 2e-4
+    # with a vision tower within 1e-6, measured on 5.0.0). the composite type (both towers) and the vision tower
     # loaded on its own. Where the text tower is built from the same layer class, its layers are
     # converted too but fall back to the stock forward on every call (`layer_checks`).
     EncoderSpec(name="clip", model_types=("clip", "clip_vision_model"),
@@ -175,10 +178,10 @@ SPECS: list[EncoderSpec] = [
                 **_CLIP_PATHS, layer_checks=(_CAUSAL_TEXT_TOWER,)),
     EncoderSpec(name="owlvit", model_types=("owlvit", "owlvit_vision_model"),
                 layer_classes=(f"{_MODELS}.owlvit.modeling_owlvit.OwlViTEncoderLayer",),
-                **{**_CLIP_PATHS, "attention_interface": ">=5.4"}, layer_checks=(_CAUSAL_TEXT_TOWER,)),
+                **_CLIP_PATHS, transformers=">=5.4", layer_checks=(_CAUSAL_TEXT_TOWER,)),
     EncoderSpec(name="owlv2", model_types=("owlv2", "owlv2_vision_model"),
                 layer_classes=(f"{_MODELS}.owlv2.modeling_owlv2.Owlv2EncoderLayer",),
-                **{**_CLIP_PATHS, "attention_interface": ">=5.4"}, layer_checks=(_CAUSAL_TEXT_TOWER,)),
+                **_CLIP_PATHS, transformers=">=5.4", layer_checks=(_CAUSAL_TEXT_TOWER,)),
     # SigLIP text is bidirectional but pools its LAST position, a padding position in padded
     # rows (the zero-shot pipeline pads to 64): `reads_padding` computes padded rows as stock does.
     EncoderSpec(name="siglip", model_types=("siglip", "siglip_vision_model", "siglip_text_model"),

@@ -25,3 +25,24 @@ def test_readme_examples_run(monkeypatch):
     finally:
         bt_plugin.disable()
     assert bt_plugin.is_converted(namespace["model"]) is False  # the last example reverts
+
+
+def test_readme_states_exactly_the_versions_ci_tests():
+    """The versions section names every tested transformers release, the newest as such, the one
+    torch, and the declared ranges (CI's matrix reads the same tuple: .ci/matrix.py)."""
+    import subprocess
+    import sys
+
+    from bt_plugin import compat
+
+    text = README.read_text()
+    section = text[text.index("## Versions"):text.index("## Integrations")]
+    *pinned, newest = compat.TESTED_TRANSFORMERS
+    assert ", ".join(pinned) in section
+    assert f"the newest release ({newest} when this was written)" in section
+    assert all(f"torch {version}" in section for version in compat.TESTED_TORCH)
+    for package, spec in compat.SUPPORTED_VERSIONS.items():
+        assert f"{package}{spec}" in section
+    ci = Path(__file__).resolve().parent.parent / ".ci" / "matrix.py"
+    listed = subprocess.run([sys.executable, str(ci), "versions"], capture_output=True, text=True, check=True)
+    assert listed.stdout.split() == pinned

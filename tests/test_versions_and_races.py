@@ -47,10 +47,15 @@ def test_enable_disable_racing_with_loads_never_half_patches(model_dir):
             bt_plugin.enable()
             bt_plugin.disable()
 
+    one_load_at_a_time = threading.Lock()  # transformers 4.51-4.53's from_pretrained swaps torch's
+    # init functions and default device globally: concurrent loads corrupt each other there. The
+    # toggling threads still race with every load.
+
     def load():
         try:
             for _ in range(6):
-                model = BertModel.from_pretrained(model_dir)
+                with one_load_at_a_time:
+                    model = BertModel.from_pretrained(model_dir)
                 fused = [isinstance(layer, FusedLayer) for layer in model.encoder.layer]
                 loaded.append(fused)
         except Exception as error:  # noqa: BLE001 - any error fails the test below
@@ -114,7 +119,8 @@ def test_every_registered_family_is_present_or_skipped_with_a_version_reason():
 
 
 def _absent_with_a_config():
-    """Absent families whose model type transformers still has (ModernBERT before 5.1, ...)."""
+    """Absent text families whose model type transformers still has (ModernBERT before 5.1, ...);
+    SEW before 5.13 is checked in tests/test_arch_audio.py."""
     import transformers
 
     from bt_plugin import registry
@@ -123,8 +129,11 @@ def _absent_with_a_config():
     for name, reason in registry.absent_families().items():
         spec = registry._absent[name][0]
         for model_type in spec.model_types:
-            if model_type in transformers.CONFIG_MAPPING and not registry.specs_for_model_type(model_type):
-                found.append((model_type, reason))
+            names = transformers.models.auto.modeling_auto.MODEL_MAPPING_NAMES
+            if model_type in transformers.CONFIG_MAPPING and not registry.specs_for_model_type(model_type) \
+                    and not getattr(transformers.CONFIG_MAPPING[model_type], "sub_configs", None) \
+                    and model_type in names and getattr(transformers, names[model_type]).main_input_name == "input_ids":
+                found.append((model_type, reason))  # text models (the test feeds token ids)
     return found
 
 
