@@ -194,7 +194,9 @@ def hook_reason(layer: nn.Module) -> str | None:
         module = pending.pop()
         if module is not layer and capture_wrapped(module):  # attentions recorded (transformers 4.5x)
             name = next(n for n, m in layer.named_modules() if m is module)
-            return f"the call recorded attentions (transformers replaced the forward of {name}; output_attentions=True)"
+            if hasattr(module.__dict__["forward"], "__wrapped__"):  # transformers' recording wrapper
+                return f"the call recorded attentions (transformers replaced the forward of {name}; output_attentions=True)"
+            return f"the forward of {name} was replaced on the instance (a fused kernel would skip it)"
         if (module._forward_hooks or module._forward_pre_hooks) and _has_user_hook(module):
             name = next(n for n, m in layer.named_modules() if m is module)
             return f"forward hooks were registered on {name or 'the layer'}"

@@ -202,14 +202,17 @@ def test_an_exception_half_way_leaves_no_frame_behind(model_type, pairs):
     stock, converted = pairs(model_type)
     ids, mask = batch(stock, [30, 5, 17])
     layer = converted.layers[1]
-    original = layer.mlp.forward
-    layer.mlp.forward = lambda x: (_ for _ in ()).throw(RuntimeError("boom"))
+
+    class Boom(torch.nn.Module):  # a module that raises half-way through the stack
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    original, layer.mlp = layer.mlp, Boom()
     try:
         with pytest.raises(RuntimeError, match="boom"), torch.inference_mode():
             converted(input_ids=ids, attention_mask=mask)
     finally:
-        del layer.mlp.forward
-    assert layer.mlp.forward == original
+        layer.mlp = original
     from bt_plugin.stack import _running
 
     assert _running.get() is None

@@ -350,3 +350,19 @@ def test_layer_list_truncated_after_convert(model_dir):
     got, want = run(conv, ids, mask).last_hidden_state, run(stock, ids, mask).last_hidden_state
     assert not got.is_nested and got.shape == want.shape
     assert max_diff_on_real(got, want, mask) <= TOL
+
+
+def test_a_forward_replaced_on_a_submodule_falls_back_and_runs(model_dir):
+    """A patched submodule (`module.forward = fn`) would be skipped by a fused kernel: stock runs it."""
+    stock, conv = pair(model_dir)
+    ids, mask = padded_batch(LENGTHS, seed=1)
+    for model in (stock, conv):
+        dense = model.encoder.layer[1].intermediate.dense
+        dense.forward = (lambda linear: lambda x: torch.nn.functional.linear(x, linear.weight, linear.bias) * 1.01)(dense)
+    before = counts(conv)
+    got, want = run(conv, ids, mask).last_hidden_state, run(stock, ids, mask).last_hidden_state
+    assert max_diff_on_real(got, want, mask) <= TOL
+    assert_fell_back(conv, before, "was replaced on the instance", layers=[1])
+    for model in (stock, conv):
+        del model.encoder.layer[1].intermediate.dense.forward
+    assert_fused_again(conv, stock)

@@ -62,6 +62,7 @@ CASES = {
     "roberta_prelayernorm": ("RobertaPreLayerNormConfig", "RobertaPreLayerNormModel", TEXT, text_inputs,
                              "last_hidden_state"),
     "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2Model", AUDIO, audio_inputs, "last_hidden_state"),
+    "sew": ("SEWConfig", "SEWModel", AUDIO, audio_inputs, "last_hidden_state"),
     "wav2vec2-stable-layer-norm": ("Wav2Vec2Config", "Wav2Vec2Model",
                                    dict(AUDIO, do_stable_layer_norm=True, feat_extract_norm="layer"),
                                    audio_inputs, "last_hidden_state"),
