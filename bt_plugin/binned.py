@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bt_plugin.calls import argument_name
+from bt_plugin.calls import mask_name
 from bt_plugin.layercode import attend_matrix
 
 
@@ -126,7 +126,7 @@ BINNED = BinnedKernel()
 def run_binned(layer, carrier: torch.Tensor, state: BinState, named: dict):
     """`(output, reason)`: the stock forward of `layer` on the bins, with the block-diagonal mask
     (`named`: the call's arguments by name, `bt_plugin.calls.bind`)."""
-    name = argument_name(layer._bt_stock_class, layer._bt_spec.mask_argument)
+    name = mask_name(layer)
     binned, reason = BINNED.bin_mask(named.get(name), state)
     if reason:
         return None, reason

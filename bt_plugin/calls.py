@@ -55,17 +55,24 @@ def argument_name(stock_class: type, name: str) -> str:
     return next((alias for alias in ARGUMENT_RENAMES.get(name, ()) if alias in names), name)
 
 
-def returned_items(layer, hidden: torch.Tensor, named: dict, leave_out: tuple[str, ...]) -> tuple[int | None, str | None]:
+def mask_name(layer) -> str:
+    """The name of a fused layer's mask parameter in this transformers version."""
+    return argument_name(layer._bt_stock_class, layer._bt_spec.mask_argument)
+
+
+def returned_items(layer, like: torch.Tensor, width: int, named: dict,
+                   leave_out: tuple[str, ...]) -> tuple[int | None, str | None]:
     """`(items, reason)`: None when the stock layer returns a tensor, else its tuple's length.
 
-    Observed once per stock class: the stock forward on a `(1, 1, E)` zero input, with the
-    arguments of this call except those named in `leave_out` (the mask, a score bias), which are
-    None. A layer that cannot be probed that way gives a reason (the call then runs stock).
+    Observed once per stock class: the stock forward on a `(1, 1, width)` zero input of `like`'s
+    dtype and device, with the arguments of this call except those named in `leave_out` (the mask,
+    a score bias), which are None. A layer that cannot be probed that way gives a reason (the
+    call then runs stock).
     """
     stock_class = layer._bt_stock_class
     if stock_class in _returns:
         return _returns[stock_class], None
-    probe = hidden.new_zeros(1, 1, hidden.size(-1))
+    probe = like.new_zeros(1, 1, width)
     arguments = {name: (None if name in leave_out else value) for name, value in named.items()
                  if not name.startswith("*")}
     try:

@@ -15,8 +15,10 @@ What changes between the versions bt_plugin supports (4.48 ... 5.x) and where it
   between versions are listed in `ARGUMENT_RENAMES`.
 - Attribute paths renamed between versions (ViT's `attention.attention.query` became
   `attention.q_proj`): the specs list the other layouts (`EncoderSpec.other_layouts`).
-- How attention functions are looked up (`attention_lookup`): `get_interface` since 5.x,
-  `ALL_ATTENTION_FUNCTIONS[name]` before, a plain dict with no interface class in 4.48.
+- How attention functions are looked up (`attention_lookup`): `get_interface` in later 5.x
+  releases, `ALL_ATTENTION_FUNCTIONS[name]` before (5.0.0 included), a plain dict with no
+  interface class in 4.48. `version_in` and `attention_lookup` are cached: the installed
+  transformers does not change within a process, and both run on every layer call.
 - Which model types exist: a family whose layer classes are missing is skipped by the registry
   with a reason (`bt_plugin.registry.absent_families`).
 - Masks: 4.x passes float additive masks where 5.x passes booleans; `bt_plugin.masks` reads both.
@@ -41,6 +43,7 @@ def transformers_version() -> str:
     return transformers.__version__
 
 
+@lru_cache(maxsize=None)
 def version_in(specifier: str) -> bool:
     """Whether the installed transformers is inside a PEP 440 specifier such as `">=5.1"`."""
     from packaging.specifiers import SpecifierSet
@@ -61,6 +64,7 @@ def loop_collects(owner, kwargs: dict) -> bool:
     return False
 
 
+@lru_cache(maxsize=1)
 def attention_lookup() -> tuple[str | None, str | None]:
     """`(method, reason)`: the method of `transformers.modeling_utils.AttentionInterface` through
     which attention modules look up their function in this version, or why there is none."""

@@ -24,7 +24,7 @@ from bt_plugin.compat import capture_wrapped, recorded_outputs
 from bt_plugin.eligibility import call_reason, fused_reason, layer_code_reason, layer_code_serves, mode_reason
 from bt_plugin.heads import PaddedReads, padded_reads
 from bt_plugin.binned import BINNED, run_binned
-from bt_plugin.calls import argument_name, bind, returned_items
+from bt_plugin.calls import bind, mask_name, returned_items
 from bt_plugin.kernels import KERNELS, LayerTensors, get_kernel
 from bt_plugin.layercode import LAYER_CODE, run_layer
 from bt_plugin.masks import key_padding_mask, padding_reason
@@ -240,11 +240,6 @@ def _stats(layer) -> LayerStats:
     return stats
 
 
-def mask_name(layer) -> str:
-    """The name of the layer's mask parameter in this transformers version."""
-    return argument_name(layer._bt_stock_class, layer._bt_spec.mask_argument)
-
-
 def _score_bias(layer, named: dict):
     spec = layer._bt_spec
     return named.get(spec.score_bias) if spec.score_bias else None
@@ -354,8 +349,8 @@ def _run(kernel, layer, carrier, state, named: dict):
     after its hidden states (`tail`, None for a plain tensor); a layer-code call may refuse."""
     if not _runs_own_code(kernel):
         tensors = layer_tensors(layer)
-        like = tensors.out_proj_weight.new_zeros(1, 1, tensors.embed_dim)
-        items, reason = returned_items(layer, like, named, (mask_name(layer), layer._bt_spec.score_bias))
+        items, reason = returned_items(layer, tensors.out_proj_weight, tensors.embed_dim, named,
+                                       (mask_name(layer), layer._bt_spec.score_bias))
         if reason:
             return None, None, reason
         return kernel.layer(carrier, tensors, state), (None if items is None else (None,) * (items - 1)), None
@@ -412,10 +407,11 @@ def _eligible(layer, hidden, named: dict, mask):
     if reason is None and keep is not None:
         reason = padding_reason(keep, right_padded_only=kernel.right_padded_only)
         reads = padded_reads_of(layer)
-        if reason is None and kernel is FASTPATH and reads.computes_padded_rows(keep):
+        padded_rows_read = reason is None and reads.computes_padded_rows(keep)
+        if padded_rows_read and kernel is FASTPATH:
             reason = f"padded positions are read ({reads.why}); {kernel.name} drops them (packed computes them)"
-        if reason is None and isinstance(mask, torch.Tensor) and mask.is_floating_point() \
-                and reads.computes_padded_rows(keep) and not bool(keep.any(dim=1).all()):
+        if reason is None and padded_rows_read and isinstance(mask, torch.Tensor) and mask.is_floating_point() \
+                and not bool(keep.any(dim=1).all()):
             # under an additive mask (transformers 4.x) stock attends uniformly to every key there
             reason = (f"padded positions are read ({reads.why}) and a row had no real token under an "
                       "additive mask")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bt_plugin.attention import Segments, attending_within
-from bt_plugin.calls import argument_name
+from bt_plugin.calls import mask_name
 
 # An additive mask entry at or below this is "masked" (as in bt_plugin.masks).
 _MASKED_AT_OR_BELOW = -1.0e4
@@ -146,7 +146,7 @@ def run_layer(layer, carrier: torch.Tensor, state: LayerCodeState, named: dict):
     call (its mask); with an output, the layer itself (it bypassed the attention interface).
     `named`: the call's arguments by name (`bt_plugin.calls.bind`)."""
     spec = layer._bt_spec
-    name = argument_name(layer._bt_stock_class, spec.mask_argument)
+    name = mask_name(layer)
     segments, reason = LAYER_CODE.segments(named.get(name), state)
     if reason:
         return None, reason

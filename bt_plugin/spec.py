@@ -50,9 +50,10 @@ class EncoderSpec:
             computed as stock (see `bt_plugin.heads`); first match wins.
         attention_interface: Whether the layer computes attention through transformers' attention
             interface (`ALL_ATTENTION_FUNCTIONS`): True, or the transformers versions in which it
-            does (a PEP 440 specifier such as `">=5.0"`; BERT's own SDPA code came before). Then the layer's own code can run
-            on packed real tokens (the `layercode` path, see `bt_plugin.layercode`) whenever a
-            fused kernel cannot serve it: adapters, quantized linears, rotary / gated layers. A
+            does (a PEP 440 specifier such as `">=5.0"`; BERT's own SDPA code came before). Then
+            the layer's own code can run on packed real tokens (the `layercode` path, see
+            `bt_plugin.layercode`) whenever a fused kernel cannot serve it: adapters, quantized
+            linears, rotary / gated layers. A
             spec with no fused roles (query ... num_heads all None) is served by that path only.
         score_bias: Name of a layer argument holding an additive
             `(B or 1, H, L, L)` bias of the attention scores that depends on i - j only (MPNet's
