@@ -366,3 +366,30 @@ def test_a_forward_replaced_on_a_submodule_falls_back_and_runs(model_dir):
     for model in (stock, conv):
         del model.encoder.layer[1].intermediate.dense.forward
     assert_fused_again(conv, stock)
+
+
+def test_a_layer_whose_return_convention_cannot_be_observed_runs_stock(model_dir, monkeypatch):
+    """The fused kernels learn whether a layer returns a tensor or a tuple from one stock call on
+    a single zero token; a layer that fails that probe runs stock, with the reason, every call."""
+    from bt_plugin import calls
+
+    import functools
+
+    stock, conv = pair(model_dir)
+    original = BertLayer.forward
+
+    @functools.wraps(original)  # the same signature: the call's arguments still bind by name
+    def refuses_one_token(self, hidden_states, *args, **kwargs):
+        if hidden_states.shape[1] == 1:
+            raise RuntimeError("one token is not enough")
+        return original(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(BertLayer, "forward", refuses_one_token)
+    monkeypatch.setattr(calls, "_returns", {})  # not observed yet in this process
+    ids, mask = padded_batch(LENGTHS, seed=1)
+    before = counts(conv)
+    got, want = run(conv, ids, mask).last_hidden_state, run(stock, ids, mask).last_hidden_state
+    assert max_diff_on_real(got, want, mask) <= TOL
+    assert_fell_back(conv, before, "return convention could not be observed")
+    assert "one token is not enough" in reports(conv)[0].reason
+    assert BertLayer not in calls._returns  # a failed probe is not remembered as an answer
