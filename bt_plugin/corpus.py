@@ -9,7 +9,10 @@ padded batches of a real text workload look like.
 public classes, methods and functions (`inspect.getdoc`), splits them at blank lines, keeps the
 paragraphs that read as prose (`is_prose`: at least `MIN_WORDS` words, mostly letters, a sentence
 that starts with a capital and ends with `.`, `!` or `?`, no doctest, no indented code, no
-reStructuredText blocks) and drops duplicates. The order is deterministic for a given Python
+reStructuredText blocks) and drops duplicates. The docstrings are read in a fresh interpreter
+(`python -I -S`, the standard library alone): in this process, packages imported earlier may have
+replaced standard-library functions (Ray replaces `inspect.isgenerator`), which would make the
+corpus depend on what happened to be imported. The order is deterministic for a given Python
 version; `sample(count, seed)` draws a seeded, shuffled selection.
 """
 
@@ -19,7 +22,10 @@ import functools
 import importlib
 import inspect
 import random
+import json
 import re
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
 from types import ModuleType
@@ -63,10 +69,14 @@ def is_prose(paragraph: str) -> bool:
 
 @functools.lru_cache(maxsize=4)
 def paragraphs(modules: tuple[str, ...] = STDLIB_MODULES) -> tuple[str, ...]:
-    """All distinct prose paragraphs of the modules' docstrings, in a deterministic order.
+    """All distinct prose paragraphs of the modules' docstrings, in a deterministic order, read in
+    a fresh interpreter. A module that cannot be imported on this system is skipped."""
+    done = subprocess.run([sys.executable, "-I", "-S", __file__, *modules], capture_output=True, text=True, check=True)
+    return tuple(json.loads(done.stdout))
 
-    A module that cannot be imported on this system is skipped.
-    """
+
+def read_paragraphs(modules: tuple[str, ...]) -> tuple[str, ...]:
+    """`paragraphs`, read in this interpreter (as it is: what its imports changed included)."""
     seen: dict[str, None] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # e.g. reading typing.io's docstring
@@ -107,3 +117,7 @@ def _split_paragraphs(doc: str) -> Iterator[str]:
     for block in re.split(r"\n[ \t]*\n", doc):
         if is_prose(block):
             yield " ".join(block.split())
+
+
+if __name__ == "__main__":  # paragraphs() runs this file in a fresh interpreter
+    print(json.dumps(read_paragraphs(tuple(sys.argv[1:]))))

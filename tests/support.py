@@ -157,3 +157,15 @@ def paragraph_pairs(count: int, seed: int = 0) -> list[tuple[str, str]]:
 
     texts = corpus.sample(2 * count, seed)
     return [(texts[2 * i].split(". ")[0], texts[2 * i + 1]) for i in range(count)]
+
+
+README = __import__("pathlib").Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_python_blocks(ray: bool = False) -> list[str]:
+    """The README's ```python blocks, in order: those that use Ray (`ray=True`) or all the others.
+    The Ray blocks run in tests/test_ray_data.py, which starts Ray once."""
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    return [block for block in blocks if bool(re.search(r"^\s*(import ray|ray\.)", block, re.M)) == ray]

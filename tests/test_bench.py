@@ -33,6 +33,25 @@ def test_corpus_is_deterministic_english_prose():
     assert corpus.sample(96, seed=3) == corpus.sample(96, seed=3) != corpus.sample(96, seed=4)
 
 
+def test_corpus_does_not_depend_on_what_this_process_imported(monkeypatch):
+    """A package that replaces a standard-library function (Ray replaces `inspect.isgenerator` on
+    import) changes that function's docstring here; the corpus is the same."""
+    import inspect
+
+    first = corpus.paragraphs()
+    assert "Return true if the object is a generator." in first
+
+    def replacement(obj):
+        """Tell whether the object is a generator, as another package would word it."""
+        return False
+
+    monkeypatch.setattr(inspect, "isgenerator", replacement)
+    here = corpus.read_paragraphs(corpus.STDLIB_MODULES)  # read in this process, the replacement shows
+    assert replacement.__doc__ in here and "Return true if the object is a generator." not in here
+    corpus.paragraphs.cache_clear()
+    assert corpus.paragraphs() == first
+
+
 def test_prose_filter_rejects_code():
     assert corpus.is_prose("Return the number of items in the container, or zero when it is empty.")
     assert not corpus.is_prose(">>> sorted([3, 1, 2])\n[1, 2, 3]")

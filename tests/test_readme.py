@@ -1,15 +1,10 @@
-"""The README's Python examples run, in order, in one namespace (as a reader would paste them)."""
+"""The README's Python examples run, in order, in one namespace (as a reader would paste them);
+the Ray examples run in tests/test_ray_data.py."""
 
-import re
 from pathlib import Path
 
 import bt_plugin
-
-README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+from support import README, readme_python_blocks as python_blocks
 
 
 def test_readme_has_examples():
