@@ -20,10 +20,12 @@ _NORMS = ("norm1", "norm2")
 # Keyword arguments encoder loops pass on to every layer that do not change a self-attention
 # layer's math. Any other keyword with a value other than None/False (a cache, cross-attention
 # states, a position bias, flash-attention varlen metadata, output_attentions=True, ...) means
-# the call is not plain encoder self-attention: the stock forward runs.
+# the call is not plain encoder self-attention: the stock forward runs. `num_items_in_batch` is the
+# Trainer's token count for normalising the loss (transformers passes the model's **kwargs on to
+# every layer), in evaluate() and predict() too.
 HARMLESS_KWARGS = frozenset({
     "position_ids", "encoder_attention_mask", "use_cache", "output_hidden_states", "return_dict",
-    "cache_position", "token_type_ids",
+    "cache_position", "token_type_ids", "num_items_in_batch",
 })
 
 
