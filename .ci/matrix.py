@@ -3,7 +3,7 @@
 `python3 .ci/matrix.py versions`: the pinned releases of TESTED_TRANSFORMERS other than the newest
 (the README's test command installs the newest and runs the whole suite there).
 `python3 .ci/matrix.py tests`: the test modules run on each of them: the core behaviour (enable,
-enabled, disable, zero code, lifecycle, training, save/load, fallback reasons, explain) and parity
+enabled, disable, zero code, lifecycle, training, the Trainer, save/load, fallback reasons, explain) and parity
 for every registered family present in that version.
 """
 
@@ -17,7 +17,7 @@ MATRIX_TESTS = [
     "tests/test_layer_tensors.py", "tests/test_padded_reads.py",
     "tests/test_arch_text.py", "tests/test_arch_vision.py", "tests/test_arch_audio.py",
     "tests/test_arch_seq2seq.py", "tests/test_arch_fsmt.py", "tests/test_arch_relative.py",
-    "tests/test_arch_rotary.py",
+    "tests/test_arch_rotary.py", "tests/test_trainer.py",
 ]
 
 

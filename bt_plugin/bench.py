@@ -17,16 +17,21 @@ alike) and `gte-small` (hidden 256, 2 layers; `--quick`). Those run `stock` and 
 (`fastpath` would take the same layer-code path). `mpnet-base` (`MPNetConfig()` defaults, eager
 attention: MPNet has no sdpa): its relative position bias is added per sequence by `packed`;
 fastpath cannot, so it is not run.
+`minilm-reranker` (sentence-transformers' `CrossEncoder` on all-MiniLM-L6-v2 with a seeded one-label
+sequence-classification head) runs the rerank workload only.
 `deberta-v3-base` (DeBERTa-v3-base's settings) and `t5-base-encoder` (`T5Config()` defaults,
 `T5EncoderModel`): their layers run their own code on bins of whole sequences (`binned`).
 
 Workloads: `text` (batches of 32 paragraphs of real English, see `bt_plugin.corpus`, tokenized
 with the all-MiniLM-L6-v2 tokenizer, padded to the longest, truncated at 256), `no-padding`
 (8 x 128 random tokens), `batch1` (1 x 16) and `sweep` (32 x 256 with 100/75/50/25/10 % real
-tokens; one row is always full length). By default every workload runs on `bert-base` and all
-but the sweep on `minilm`, `modernbert-base`, `gte-base`, `minilm-lora` and `mpnet-base`: about 35 minutes on an
-idle 2-core CPU. `--quick` runs `minilm` (text, no-padding, batch1), `bert-small` (sweep at 32 x 128),
-`minilm-lora` and `gte-small` (text) with 3 repetitions, no memory processes, on one torch thread
+tokens; one row is always full length); `rerank` (`CrossEncoder.predict` in arrival order: per
+query, a paragraph's first sentence against 64 other real paragraphs, 32 pairs per batch, as many
+queries as text batches; sentence-transformers sorts each call's pairs by length before batching;
+scores compared, the real-token share read from the masks the model received). By default every
+token workload runs on `bert-base`, all but the sweep on `minilm`, `modernbert-base`, `gte-base`,
+`minilm-lora` and `mpnet-base`, and rerank on `minilm-reranker`: about 37 minutes on an idle 2-core CPU. `--quick` runs `minilm` (text, no-padding, batch1), `bert-small` (sweep at 32 x 128),
+`minilm-lora` and `gte-small` (text), `minilm-reranker` (one rerank query) with 3 repetitions, no memory processes, on one torch thread
 (see QUICK_THREADS): about 2 minutes, also on a busy machine.
 
 Timing: each candidate runs once untimed (its output is compared with stock on real tokens),
@@ -71,13 +76,15 @@ CANDIDATES: dict[str, tuple[str, str | None]] = {
     "packed": ("sdpa", "packed"),
 }
 MEMORY_CANDIDATES = ("stock", "fastpath", "packed")
-WORKLOADS = ("text", "no-padding", "batch1", "sweep")
+TOKEN_WORKLOADS = ("text", "no-padding", "batch1", "sweep")  # token tensors into the model
+WORKLOADS = (*TOKEN_WORKLOADS, "rerank")  # rerank: sentence-transformers' CrossEncoder.predict on text pairs
 SWEEP_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.1)
 TOLERANCE = 1e-5
 MIN_RUN_MS, MAX_PASSES = 100.0, 50  # short forwards are repeated within one timed run
 NOISY_SPREAD = 0.3  # (max - min) / median above this marks a row noisy (with 3+ timed runs)
 BUSY_SHARE = 0.1  # other processes using more of the machine's CPU time than this mark a case busy
 TEXT_BATCH, TEXT_MAX_LENGTH = 32, 256
+RERANK_PASSAGES, RERANK_BATCH = 64, 32  # passages per query (one predict call each), pairs per batch
 SWEEP_BATCH, SWEEP_LENGTH, QUICK_SWEEP_LENGTH = 32, 256, 128
 FALLBACK_MESSAGE = "a fused candidate fell back: exact but no faster"
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -89,7 +96,7 @@ class Shape:
 
     name: str
     config: dict | None
-    workloads: tuple[str, ...] = WORKLOADS  # run by default
+    workloads: tuple[str, ...] = TOKEN_WORKLOADS  # run by default
     memory: bool = True  # measure the peak memory of the text workload
     public: bool = True
     config_class: str = "BertConfig"
@@ -97,9 +104,14 @@ class Shape:
     adapter: bool = False  # every candidate gets the same unmerged LoRA adapter (see with_adapter)
     candidates: tuple[str, ...] | None = None  # None: every selected candidate
     attn_implementation: str | None = None  # for every candidate (a model without sdpa: "eager")
+    reranker: bool = False  # a CrossEncoder over the real checkpoint with a seeded one-label head
 
     def runs(self, candidate: str) -> bool:
         return self.candidates is None or candidate in self.candidates
+
+    def serves(self, workload: str) -> bool:
+        """A reranker shape runs the rerank workload only, every other shape the token workloads."""
+        return (workload == "rerank") == self.reranker
 
 
 SHAPES: dict[str, Shape] = {
@@ -114,6 +126,9 @@ SHAPES: dict[str, Shape] = {
                              candidates=("stock", "packed")),
     "gte-base": Shape("gte-base", {}, ("text", "no-padding", "batch1"), memory=False,
                       config_class="GteConfig", model_class="GteModel", candidates=("stock", "packed")),
+    # sentence-transformers' CrossEncoder on all-MiniLM-L6-v2 with a seeded, randomly initialised
+    # one-label sequence-classification head (a reranker's shape; scores, not hidden states, compared).
+    "minilm-reranker": Shape("minilm-reranker", None, ("rerank",), memory=False, reranker=True),
     "minilm-lora": Shape("minilm-lora", None, ("text", "no-padding", "batch1"), memory=False, adapter=True,
                          candidates=("stock", "packed")),
     # MPNet's relative position bias is added per sequence by `packed` (fastpath cannot).
@@ -138,11 +153,11 @@ SHAPES: dict[str, Shape] = {
     "tiny": Shape("tiny", dict(hidden_size=32, num_attention_heads=2, intermediate_size=64,
                                num_hidden_layers=2), public=False),
 }
-DEFAULT_SHAPES = ("bert-base", "minilm", "modernbert-base", "gte-base", "minilm-lora", "mpnet-base",
+DEFAULT_SHAPES = ("bert-base", "minilm", "minilm-reranker", "modernbert-base", "gte-base", "minilm-lora", "mpnet-base",
                   "deberta-v3-base", "t5-base-encoder")
 # --quick: every workload and every candidate, on light shapes (minutes, not an hour).
 QUICK_PLAN: dict[str, tuple[str, ...]] = {
-    "minilm": ("text", "no-padding", "batch1"), "bert-small": ("sweep",),
+    "minilm": ("text", "no-padding", "batch1"), "bert-small": ("sweep",), "minilm-reranker": ("rerank",),
     "minilm-lora": ("text",), "gte-small": ("text",),  # the layer-code path: an adapter, a rotary family
 }
 QUICK_REPEATS, DEFAULT_REPEATS = 3, 5
@@ -172,7 +187,7 @@ class Settings:
         pairs = []
         for shape in self.shapes:
             default = QUICK_PLAN.get(shape, SHAPES[shape].workloads) if self.quick else SHAPES[shape].workloads
-            pairs += [(shape, w) for w in WORKLOADS if w in (self.workloads or default)]
+            pairs += [(shape, w) for w in WORKLOADS if w in (self.workloads or default) and SHAPES[shape].serves(w)]
         return pairs
 
 
@@ -182,21 +197,35 @@ class Case:
 
     shape: str
     workload: str
-    batches: list[dict[str, torch.Tensor]]
+    batches: list[dict]  # token tensors, or {"pairs": [(query, passage), ...]} for the rerank workload
+    # The attention masks the model received, for batches of text (recorded on stock's untimed run).
+    received_masks: list[torch.Tensor] | None = None
+
+    @property
+    def masks(self) -> list[torch.Tensor]:
+        """The attention mask of every batch the model runs."""
+        if self.received_masks is not None:
+            return self.received_masks
+        return [b["attention_mask"] for b in self.batches]
+
+    @property
+    def of_text(self) -> bool:
+        """Whether the batches are text that the candidate tokenizes itself (the rerank workload)."""
+        return "pairs" in self.batches[0]
 
     @property
     def real_fraction(self) -> float:
         """Real tokens / padded positions, over all batches."""
-        masks = [b["attention_mask"] for b in self.batches]
+        masks = self.masks
         return sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
 
     @property
     def batch_shape(self) -> str:
         """`batches x rows x padded length(s)`, e.g. `4 x 32 x 70/73/116/187`."""
-        sizes = sorted({tuple(b["input_ids"].shape) for b in self.batches}, key=lambda s: s[1])
+        sizes = sorted({tuple(m.shape) for m in self.masks}, key=lambda s: s[1])
         rows = {s[0] for s in sizes}
         lengths = "/".join(str(s[1]) for s in sizes)
-        return f"{len(self.batches)} x {'/'.join(map(str, sorted(rows)))} x {lengths}"
+        return f"{len(self.masks)} x {'/'.join(map(str, sorted(rows)))} x {lengths}"
 
 
 @dataclass
@@ -332,6 +361,19 @@ def text_cases(shape: str, batches: int, tokenizer, seed: int) -> list[Case]:
     return [Case(shape, "text", encoded)]
 
 
+def rerank_cases(shape: str, queries: int, seed: int) -> list[Case]:
+    """`queries` reranking calls in arrival order: a paragraph's first sentence as the query
+    against RERANK_PASSAGES other real paragraphs, scored RERANK_BATCH pairs at a time."""
+    from bt_plugin import corpus
+
+    texts = corpus.sample(queries * (1 + RERANK_PASSAGES), seed)
+    calls = []
+    for start in range(0, len(texts), 1 + RERANK_PASSAGES):
+        query, *passages = texts[start:start + 1 + RERANK_PASSAGES]
+        calls.append({"pairs": [(query.split(". ")[0], passage) for passage in passages]})
+    return [Case(shape, "rerank", calls)]
+
+
 def random_batch(lengths: Sequence[int], width: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
     """Right-padded random token ids (pad id 0) with the given real lengths."""
     generator = torch.Generator().manual_seed(seed)
@@ -368,6 +410,8 @@ def build_cases(shape: str, workload: str, tokenizer, settings: Settings, vocab:
     seed = settings.seed
     if workload == "text":
         return text_cases(shape, settings.text_batches, tokenizer, seed)
+    if workload == "rerank":
+        return rerank_cases(shape, settings.text_batches, seed)
     if workload == "no-padding":
         return [Case(shape, workload, [random_batch([128] * 8, 128, vocab, seed)])]
     if workload == "batch1":
@@ -392,6 +436,8 @@ class Unavailable(Exception):
 def model_source(shape: str, workdir: Path, seed: int) -> str:
     """A checkpoint directory for the shape: the real MiniLM, or random weights saved once."""
     spec = SHAPES[shape]
+    if spec.reranker:
+        return reranker_source(workdir / shape, seed)
     if spec.config is None:
         return str(minilm_dir())
     import transformers
@@ -402,6 +448,40 @@ def model_source(shape: str, workdir: Path, seed: int) -> str:
         config = getattr(transformers, spec.config_class)(**spec.config)
         getattr(transformers, spec.model_class)(config).save_pretrained(str(target))
     return str(target)
+
+
+def reranker_source(target: Path, seed: int) -> str:
+    """all-MiniLM-L6-v2 with a one-label sequence-classification head initialised from `seed`,
+    saved with its tokenizer into `target` (once): a cross-encoder checkpoint."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not target.exists():
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the new head's "newly initialized" load report
+        try:
+            torch.manual_seed(seed)
+            AutoModelForSequenceClassification.from_pretrained(str(minilm_dir()), num_labels=1).save_pretrained(str(target))
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(str(target))
+    return str(target)
+
+
+class Reranker(nn.Module):
+    """A sentence-transformers CrossEncoder as a candidate: called on `pairs`, it returns
+    `predict`'s scores (RERANK_BATCH pairs per batch); `get_base_model()` is its transformers model."""
+
+    def __init__(self, cross_encoder):
+        super().__init__()
+        self.cross_encoder = cross_encoder
+
+    def get_base_model(self) -> nn.Module:
+        return self.cross_encoder.model
+
+    def forward(self, pairs: list[tuple[str, str]]) -> torch.Tensor:
+        return self.cross_encoder.predict(pairs, batch_size=RERANK_BATCH, convert_to_tensor=True,
+                                          show_progress_bar=False)
 
 
 def with_adapter(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -447,27 +527,42 @@ def load_candidate(source: str, candidate: str, adapter: bool = False, attention
     if reason:
         raise Unavailable(reason)
     default_attention, kernel = CANDIDATES[candidate]
-    loader = AutoModel if model_class == "AutoModel" else getattr(transformers, model_class)
-    model = loader.from_pretrained(source, attn_implementation=attention or default_attention).eval()
+    if model_class == "CrossEncoder":
+        try:
+            from sentence_transformers import CrossEncoder
+        except ImportError:
+            raise SystemExit("the rerank workload needs sentence-transformers: pip install 'bt-plugin[demo]'") from None
+        cross_encoder = CrossEncoder(source, device="cpu",
+                                     model_kwargs={"attn_implementation": attention or default_attention})
+        model, wrapped = cross_encoder.model.eval(), Reranker(cross_encoder)
+    else:
+        loader = AutoModel if model_class == "AutoModel" else getattr(transformers, model_class)
+        model = wrapped = loader.from_pretrained(source, attn_implementation=attention or default_attention).eval()
     if bt_plugin.is_converted(model):  # BT_PLUGIN=1 in the environment converts every load
         bt_plugin.revert(model)
     if kernel is not None:
         bt_plugin.convert(model, kernel=kernel)
-    return with_adapter(model) if adapter else model
+    return with_adapter(wrapped) if adapter else wrapped
 
 
-def forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """`last_hidden_state` of one batch, in inference mode (the mode the fused path serves)."""
+def forward(model: nn.Module, batch: dict) -> torch.Tensor:
+    """`last_hidden_state` of one batch (a reranker's scores), in inference mode (the mode the
+    fused path serves)."""
     with torch.inference_mode():
-        return model(**batch).last_hidden_state
+        output = model(**batch)
+    return output if isinstance(output, torch.Tensor) else output.last_hidden_state
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model of a candidate (inside a peft wrapper or a Reranker)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def layer_counts(model: nn.Module) -> tuple[int, int, Counter]:
     """(fused calls, fallback calls, fallback reasons) summed over the model's encoder layers."""
     import bt_plugin
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
-    layers = bt_plugin.explain(base).layers
+    layers = bt_plugin.explain(base_model(model)).layers
     reasons: Counter = Counter()
     for layer in layers:
         reasons.update(layer.fallback_reasons)
@@ -479,12 +574,29 @@ def layer_counts(model: nn.Module) -> tuple[int, int, Counter]:
 
 
 def max_diff_on_real(outputs: list[torch.Tensor], reference: list[torch.Tensor], case: Case) -> float:
-    """Max abs difference over the real-token positions of every batch of the case."""
+    """Max abs difference over the real-token positions of every batch of the case (over every
+    score of a reranker)."""
     diffs = []
     for out, ref, batch in zip(outputs, reference, case.batches):
+        if case.of_text:
+            diffs.append((out - ref).abs().max().item())
+            continue
         real = batch["attention_mask"].bool()
         diffs.append((out[real] - ref[real]).abs().max().item())
     return max(diffs)
+
+
+def received_masks(model: nn.Module, run) -> list[torch.Tensor]:
+    """The attention masks `model`'s encoder received while `run()` ran (a CrossEncoder
+    tokenizes and pads its pairs itself, and calls its model's forward, not the module)."""
+    masks: list[torch.Tensor] = []
+    hook = base_model(model).base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True)
+    try:
+        run()
+    finally:
+        hook.remove()
+    return masks
 
 
 def check_exactness(case: Case, models: dict[str, nn.Module], rows: dict[str, CandidateResult]) -> float:
@@ -492,8 +604,13 @@ def check_exactness(case: Case, models: dict[str, nn.Module], rows: dict[str, Ca
 
     Returns the milliseconds of stock's warm-up run.
     """
+    reference: list[torch.Tensor] = []
     start = time.perf_counter()
-    reference = [forward(models["stock"], b) for b in case.batches]
+    if case.of_text:
+        case.received_masks = received_masks(models["stock"], lambda: reference.extend(forward(models["stock"], b)
+                                                                                      for b in case.batches))
+    else:
+        reference = [forward(models["stock"], b) for b in case.batches]
     stock_ms = 1000 * (time.perf_counter() - start)
     for name, model in models.items():
         outputs = reference if name == "stock" else [forward(model, b) for b in case.batches]
@@ -566,8 +683,8 @@ def load_candidates(source: str, names: Iterable[str], shape: Shape) -> tuple[di
     models, unavailable = {}, {}
     for name in names:
         try:
-            models[name] = load_candidate(source, name, shape.adapter, shape.attn_implementation,
-                                          "AutoModel" if shape.config is None else shape.model_class)
+            model_class = "CrossEncoder" if shape.reranker else "AutoModel" if shape.config is None else shape.model_class
+            models[name] = load_candidate(source, name, shape.adapter, shape.attn_implementation, model_class)
         except Unavailable as error:
             unavailable[name] = str(error)
     return models, unavailable
@@ -586,7 +703,7 @@ def run_shape(shape: str, cases: list[Case], settings: Settings, source: str, ba
     bar.refresh()
     results = []
     for case in cases:
-        bar.set_description(f"{shape} {case.workload} {case.real_fraction:.0%}")
+        bar.set_description(f"{shape} {case.workload}" + ("" if case.of_text else f" {case.real_fraction:.0%}"))
         result = time_case(case, models, settings.repeats, bar)
         timed = {row.candidate: row for row in result.rows}
         result.rows = [timed.get(n) or CandidateResult(n, unavailable=unavailable[n]) for n in names]
@@ -786,6 +903,10 @@ def make_settings(shapes, workloads, candidates, repeats, quick, memory, text_ba
         if unknown:
             public = [v for v in valid if kind != "shape" or SHAPES[v].public]
             raise ValueError(f"unknown {kind} {', '.join(unknown)}; valid: {', '.join(public)}")
+    for workload in workloads or ():
+        if not any(SHAPES[shape].serves(workload) for shape in shapes):
+            serving = [name for name, shape in SHAPES.items() if shape.public and shape.serves(workload)]
+            raise ValueError(f"no chosen shape runs the {workload} workload; shapes that do: {', '.join(serving)}")
     repeats = repeats or (QUICK_REPEATS if quick else DEFAULT_REPEATS)
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
@@ -962,7 +1083,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shapes", type=_names, default=None, help=f"comma-separated: {', '.join(public)} "
                         f"(default {','.join(DEFAULT_SHAPES)})")
     parser.add_argument("--workloads", type=_names, default=None, help=f"comma-separated: {', '.join(WORKLOADS)} "
-                        "(default: text, no-padding, batch1 everywhere; sweep on the bert shapes)")
+                        "(default: text, no-padding, batch1 everywhere; sweep on the bert shapes; "
+                        "rerank on minilm-reranker, which runs nothing else)")
     parser.add_argument("--candidates", type=_names, default=None,
                         help=f"comma-separated: {', '.join(CANDIDATES)} (default all; stock is always run)")
     parser.add_argument("--text-batches", type=int, default=None, help="batches of 32 paragraphs in the text "

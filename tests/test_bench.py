@@ -129,6 +129,42 @@ def test_bench_end_to_end(tmp_path, capsys, monkeypatch):
     assert block.strip() in printed
 
 
+def test_rerank_workload_scores_pairs_through_cross_encoder_predict(monkeypatch):
+    """CrossEncoder.predict in arrival order: exact scores, fused calls counted, and the real-token
+    share taken from what the model received (the same token count the tokenizer gives each pair)."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr(bench, "MIN_RUN_MS", 1.0)
+    results = bench.run(["minilm-reranker"], candidates=["packed"], repeats=1, text_batches=1, threads=1,
+                        memory=False, progress=False)
+    assert results.problems() == []
+    (case,) = results.cases
+    assert case.workload == "rerank"
+    rows = {row.candidate: row for row in case.rows}
+    assert set(rows) == {"stock", "packed"} and rows["packed"].exact
+    # all-MiniLM-L6-v2: 6 layers, RERANK_PASSAGES / RERANK_BATCH batches per run
+    assert rows["packed"].fused_calls == 6 * bench.RERANK_PASSAGES // bench.RERANK_BATCH and rows["packed"].fallback_calls == 0
+
+    (built,) = bench.rerank_cases("minilm-reranker", 1, seed=0)
+    pairs = built.batches[0]["pairs"]
+    assert len(pairs) == bench.RERANK_PASSAGES
+    tokenizer = AutoTokenizer.from_pretrained(str(bench.minilm_dir()))
+    real = sum(len(tokenizer(query, passage, truncation=True)["input_ids"]) for query, passage in pairs)
+    widths = case.batch_shape.split(" x ")[2].split("/")
+    padded = bench.RERANK_BATCH * sum(int(width) for width in widths)
+    assert case.batch_shape.startswith(f"{bench.RERANK_PASSAGES // bench.RERANK_BATCH} x {bench.RERANK_BATCH} x ")
+    assert case.real_fraction == pytest.approx(real / padded)
+    assert case.real_fraction < 0.9
+
+
+def test_rerank_runs_on_reranker_shapes_only():
+    settings = bench.make_settings(None, None, None, None, False, None, None, 0)
+    assert ("minilm-reranker", "rerank") in settings.plan()
+    assert all((workload == "rerank") == (shape == "minilm-reranker") for shape, workload in settings.plan())
+    with pytest.raises(ValueError, match="no chosen shape runs the rerank workload; shapes that do: minilm-reranker"):
+        bench.make_settings(["bert-base"], ["rerank"], None, None, False, None, None, 0)
+
+
 def test_peak_memory_of_one_forward_in_fresh_processes():
     results = bench.run(["tiny"], ["text"], candidates=["fastpath"], repeats=1, text_batches=1, threads=1,
                         progress=False)
