@@ -274,6 +274,8 @@ class CaseResult:
     rows: list[CandidateResult]
     passes: int = 1  # forwards over the case per timed run; times are per pass
     others_cpu: float | None = None  # share of the machine's CPU time other processes used meanwhile
+    real_gflop: float | None = None  # the real tokens' work per pass (bt_plugin.limit.real_flops)
+    matmul_gflops: float | None = None  # this process's matrix-multiply rate on the case's shapes
 
     @property
     def busy(self) -> bool:
@@ -290,6 +292,12 @@ class CaseResult:
         if not (stock and stock.median_ms and row.median_ms):
             return None
         return stock.median_ms / row.median_ms
+
+    def of_limit(self, row: CandidateResult) -> float | None:
+        """The candidate's rate on the real tokens' FLOPs / the measured matrix-multiply rate."""
+        if not (self.real_gflop and self.matmul_gflops and row.median_ms):
+            return None
+        return self.real_gflop / (row.median_ms / 1000) / self.matmul_gflops
 
 
 @dataclass
@@ -339,7 +347,8 @@ class BenchResults:
             for row, raw_row in zip(case.rows, raw["rows"]):
                 ratio = case.ratio(row)
                 raw_row.update(median_ms=row.median_ms, ratio_to_stock=ratio, exact=row.exact, noisy=row.noisy,
-                               share_of_ideal=None if ratio is None else ratio * case.real_fraction)
+                               share_of_ideal=None if ratio is None else ratio * case.real_fraction,
+                               share_of_limit=case.of_limit(row))
         data["problems"] = self.problems()
         return data
 
@@ -636,10 +645,30 @@ def passes_per_run(case: Case, stock: nn.Module, warm_up_ms: float) -> int:
     return max(1, min(MAX_PASSES, math.ceil(MIN_RUN_MS / max(time_run(stock, case), 1e-3))))
 
 
+def case_limit(case: Case, models: dict[str, nn.Module]) -> tuple[float | None, float | None]:
+    """(GFLOP of the real tokens per pass over the case, this process's matrix-multiply GFLOP/s on
+    the case's shapes, measured now), see bt_plugin.limit; (None, None) without a fused candidate.
+    The layers are those a fused candidate converted, their linears stock's (the same weights)."""
+    import bt_plugin
+    from bt_plugin import limit
+
+    fused = [m for name, m in models.items() if CANDIDATES[name][1]]
+    if not fused:
+        return None, None
+    model = base_model(models["stock"])
+    paths = [layer.path for layer in bt_plugin.explain(base_model(fused[0])).layers]
+    lengths = [int(n) for mask in case.masks for n in mask.sum(dim=1)]
+    work = limit.real_flops(limit.encoder_linears(model, paths), lengths, limit.attention_width(model.config), len(paths))
+    rate = limit.matmul_rate(limit.encoder_linears(model, paths[:1]), [int(mask.sum()) for mask in case.masks])
+    return work / 1e9, rate / 1e9
+
+
 def time_case(case: Case, models: dict[str, nn.Module], repeats: int, bar) -> CaseResult:
-    """Warm up and check, then `repeats` interleaved repetitions (rotating order) of every candidate."""
+    """Warm up and check, measure the matrix-multiply limit, then `repeats` interleaved repetitions
+    (rotating order) of every candidate."""
     rows = {name: CandidateResult(name) for name in models}
     passes = passes_per_run(case, models["stock"], check_exactness(case, models, rows))
+    real_gflop, matmul_gflops = case_limit(case, models)
     gc.collect()
     before = {name: layer_counts(m) for name, m in models.items() if CANDIDATES[name][1]}
     names, cpu_before = list(models), cpu_snapshot()
@@ -653,7 +682,7 @@ def time_case(case: Case, models: dict[str, nn.Module], repeats: int, bar) -> Ca
         rows[name].fused_calls, rows[name].fallback_calls = fused1 - fused0, fallback1 - fallback0
         rows[name].fallback_reasons = dict(reasons1 - reasons0)
     return CaseResult(case.shape, case.workload, case.batch_shape, case.real_fraction, list(rows.values()),
-                      passes, others)
+                      passes, others, real_gflop, matmul_gflops)
 
 
 def cpu_snapshot() -> tuple[float, float, float] | None:
@@ -929,18 +958,19 @@ def _ms(value: float | None) -> str:
 def _row_cells(case: CaseResult, row: CandidateResult) -> list[str]:
     """One table row (see CASE_COLUMNS)."""
     if row.unavailable:
-        return [row.candidate, f"unavailable: {row.unavailable}", "", "", f"{case.real_fraction:.0%}", "", "", ""]
+        return [row.candidate, f"unavailable: {row.unavailable}", "", "", f"{case.real_fraction:.0%}", "", "", "", ""]
     ratio = case.ratio(row)
     diff = f"{row.max_abs_diff:.1e} {'ok' if row.exact else 'FAIL'}"
     calls = "-" if not row.fused else f"{row.fused_calls} / {row.fallback_calls}"
     spread = f"{_ms(min(row.times_ms))}–{_ms(max(row.times_ms))}" + (" noisy" if row.noisy else "")
     return [
         row.candidate, _ms(row.median_ms), spread,
-        f"{ratio:.2f}x", f"{case.real_fraction:.0%}", f"{ratio * case.real_fraction:.0%}", diff, calls,
+        f"{ratio:.2f}x", f"{case.real_fraction:.0%}", f"{ratio * case.real_fraction:.0%}",
+        "-" if case.of_limit(row) is None else f"{case.of_limit(row):.0%}", diff, calls,
     ]
 
 
-CASE_COLUMNS = ("candidate", "median ms", "min–max ms", "ratio", "real tokens", "of ideal",
+CASE_COLUMNS = ("candidate", "median ms", "min–max ms", "ratio", "real tokens", "of ideal", "of limit",
                 "max abs diff (real tokens)", "fused / fallback calls")
 
 
@@ -962,7 +992,10 @@ def render_cases(results: BenchResults) -> list[str]:
         repeated = f"; up to {passes} passes per timed run, ms per pass" if passes > 1 else ""
         busy = [c.others_cpu for c in cases if c.busy]
         busy = f"; busy: other processes used up to {max(busy):.0%} of the CPUs" if busy else ""
-        title = f"**{shape} · {workload}** (batches x rows x padded length: {batches}{repeated}{busy})"
+        rates = [c.matmul_gflops for c in cases if c.matmul_gflops]
+        spread = f"{min(rates):.0f}" if rates and round(min(rates)) == round(max(rates)) else f"{min(rates or [0]):.0f}–{max(rates or [0]):.0f}"
+        limit = f"; matrix-multiply limit {spread} GFLOP/s" if rates else ""
+        title = f"**{shape} · {workload}** (batches x rows x padded length: {batches}{repeated}{limit}{busy})"
         rows = [_row_cells(case, row) for case in cases for row in case.rows]
         tables.append(title + "\n\n" + markdown_table(CASE_COLUMNS, rows))
     return tables
@@ -993,7 +1026,8 @@ def machine_line(results: BenchResults) -> str:
             f"transformers {m['transformers']}, Python {m['python']}, {m['date']}: fp32, "
             f"`torch.inference_mode()`, median of {s.repeats} interleaved runs"
             f"{' (--quick)' if s.quick else ''}; ratio = stock median / candidate median; of ideal = ratio / "
-            f"(1 / real-token fraction).")
+            f"(1 / real-token fraction); of limit = the real tokens' FLOPs per second / the matrix-multiply "
+            f"rate this process measured on the same shapes just before (bt_plugin.limit).")
 
 
 def noise_line(results: BenchResults) -> str | None:

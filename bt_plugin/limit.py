@@ -1,0 +1,67 @@
+"""How close a forward comes to this machine's limit, for the benchmark's "of limit" column.
+
+The work a padding-free forward cannot avoid is the real tokens' FLOPs: every `torch.nn.Linear` of
+the encoder layers on every real token (2 * in * out each), plus attention within each sequence
+(4 * length² * hidden per layer: the scores and the weighted sum; a position-bias term such as
+DeBERTa's disentangled attention is not counted, so such a model's share reads low). The limit is the rate at which
+this process multiplies matrices of the same shapes, measured just before the candidates are
+timed, on the same threads: the linears of one layer on `(real tokens of a batch, in)` inputs, for
+every batch of the case (the layers of a model share their shapes).
+"of limit" = (real FLOPs / a candidate's time) / that rate; attention, whose matrices are smaller,
+is counted at the same rate, so 100 % is out of reach, and the stock candidates, which also compute
+on padding, score their useful work only.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import Counter
+
+import torch
+from torch import nn
+
+
+def encoder_linears(model: nn.Module, layer_paths: list[str]) -> Counter:
+    """`{(in_features, out_features): count}` over every Linear inside the given encoder layers
+    (an adapter's own linears included)."""
+    shapes: Counter = Counter()
+    for path in layer_paths:
+        for module in model.get_submodule(path).modules():
+            if isinstance(module, nn.Linear):
+                shapes[(module.in_features, module.out_features)] += 1
+    return shapes
+
+
+def attention_width(config) -> int:
+    """The width attention works at: the config's hidden size (`d_model` for T5)."""
+    return getattr(config, "hidden_size", None) or config.d_model
+
+
+def real_flops(linears: Counter, lengths: list[int], width: int, layers: int) -> float:
+    """FLOPs of one forward over sequences of these real lengths (see the module docstring)."""
+    per_token = sum(2 * i * o * n for (i, o), n in linears.items())
+    return sum(lengths) * per_token + layers * sum(4 * length * length * width for length in lengths)
+
+
+def matmul_rate(linears: Counter, batch_tokens: list[int], repeats: int = 3) -> float:
+    """FLOP/s of this process's `torch.nn.functional.linear` on one layer's shapes (`linears`,
+    from `encoder_linears` of one layer): each batch's real tokens through every linear, as often
+    as the layer has it; the median of `repeats` timed sweeps after one untimed one."""
+    inputs = {(t, i): torch.randn(t, i) for t in set(batch_tokens) for i, _ in linears}
+    weights = {(i, o): (torch.randn(o, i), torch.randn(o)) for i, o in linears}
+    flops = sum(2 * t * i * o * n for t in batch_tokens for (i, o), n in linears.items())
+
+    def sweep() -> float:
+        start = time.perf_counter()
+        for t in batch_tokens:
+            for (i, o), n in linears.items():
+                weight, bias = weights[(i, o)]
+                for _ in range(n):
+                    torch.nn.functional.linear(inputs[(t, i)], weight, bias)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        sweep()
+        seconds = statistics.median(sweep() for _ in range(repeats))
+    return flops / seconds
