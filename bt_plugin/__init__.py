@@ -41,22 +41,22 @@ def _alias_checkout_patches() -> None:
 _alias_checkout_patches()
 
 _EXPORTS = {
-    "enable": "bt_plugin.patching",
-    "disable": "bt_plugin.patching",
-    "enabled": "bt_plugin.patching",
-    "convert": "bt_plugin.conversion",
-    "revert": "bt_plugin.conversion",
-    "is_converted": "bt_plugin.conversion",
-    "explain": "bt_plugin.report",
+    "enable": "bt_plugin.loading.patching",
+    "disable": "bt_plugin.loading.patching",
+    "enabled": "bt_plugin.loading.patching",
+    "convert": "bt_plugin.loading.conversion",
+    "revert": "bt_plugin.loading.conversion",
+    "is_converted": "bt_plugin.loading.conversion",
+    "explain": "bt_plugin.loading.report",
     "EncoderSpec": "bt_plugin.spec",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from bt_plugin.conversion import convert, is_converted, revert
-    from bt_plugin.report import explain
-    from bt_plugin.patching import disable, enable, enabled
+    from bt_plugin.loading.conversion import convert, is_converted, revert
+    from bt_plugin.loading.report import explain
+    from bt_plugin.loading.patching import disable, enable, enabled
     from bt_plugin.spec import EncoderSpec
 
 

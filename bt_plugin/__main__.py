@@ -1,5 +1,5 @@
 import sys
 
-from bt_plugin.cli import main
+from bt_plugin.tools.cli import main
 
 sys.exit(main())

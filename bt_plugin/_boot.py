@@ -63,7 +63,7 @@ def main() -> None:
 def activate() -> None:
     """Enable the plugin from the environment (kernel from BT_PLUGIN_KERNEL)."""
     try:
-        from bt_plugin.patching import enable
+        from bt_plugin.loading.patching import enable
 
         enable(kernel=os.environ.get(KERNEL_FLAG, "auto").strip() or "auto", _source="env")
     except Exception as error:

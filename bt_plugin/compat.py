@@ -11,7 +11,7 @@ What changes between the versions bt_plugin supports (4.48 ... 5.x) and where it
   recorders collect in their own loop from each layer's return value; the loop's
   `output_hidden_states` argument or the model config says whether it does (`loop_collects`).
 - How a layer is called and what it returns (positional `head_mask` / `output_attentions`, tuple
-  or tensor): read off each stock layer class itself, see `bt_plugin.calls`. Arguments renamed
+  or tensor): read off each stock layer class itself, see `bt_plugin.dispatch.calls`. Arguments renamed
   between versions are listed in `ARGUMENT_RENAMES`.
 - Attribute paths renamed between versions (ViT's `attention.attention.query` became
   `attention.q_proj`): the specs list the other layouts (`EncoderSpec.other_layouts`).
@@ -20,8 +20,8 @@ What changes between the versions bt_plugin supports (4.48 ... 5.x) and where it
   interface class in 4.48. `version_in` and `attention_lookup` are cached: the installed
   transformers does not change within a process, and both run on every layer call.
 - Which model types exist: a family whose layer classes are missing is skipped by the registry
-  with a reason (`bt_plugin.registry.absent_families`).
-- Masks: 4.x passes float additive masks where 5.x passes booleans; `bt_plugin.masks` reads both.
+  with a reason (`bt_plugin.loading.registry.absent_families`).
+- Masks: 4.x passes float additive masks where 5.x passes booleans; `bt_plugin.dispatch.masks` reads both.
 """
 
 from __future__ import annotations

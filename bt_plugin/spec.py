@@ -36,7 +36,7 @@ class EncoderSpec:
             None means `head_dim ** -0.5`.
         mask_argument: Name of the attention-mask parameter of the layer's `forward` (found by
             name in each call, wherever the running transformers version puts it; see
-            `bt_plugin.calls`). What the layer returns (a tensor or a tuple) is observed from the
+            `bt_plugin.dispatch.calls`). What the layer returns (a tensor or a tuple) is observed from the
             stock layer itself, never declared.
         sequence_first: Whether the layer takes and returns `(L, B, E)` (legacy fairseq layout).
         mask_marks_padding: Whether a 2-D mask marks padding with 1/True (legacy fairseq).
@@ -47,12 +47,12 @@ class EncoderSpec:
             read the encoder output at padded positions without the mask (CTC decodes every
             frame; a classifier on the first token reads position 0, padding in a left-padded
             row). A converted model whose class name ends with a suffix gets those padded rows
-            computed as stock (see `bt_plugin.heads`); first match wins.
+            computed as stock (see `bt_plugin.dispatch.heads`); first match wins.
         attention_interface: Whether the layer computes attention through transformers' attention
             interface (`ALL_ATTENTION_FUNCTIONS`): True, or the transformers versions in which it
             does (a PEP 440 specifier such as `">=5.0"`; BERT's own SDPA code came before). Then
             the layer's own code can run on packed real tokens (the `layercode` path, see
-            `bt_plugin.layercode`) whenever a fused kernel cannot serve it: adapters, quantized
+            `bt_plugin.kernels.layercode`) whenever a fused kernel cannot serve it: adapters, quantized
             linears, rotary / gated layers. A
             spec with no fused roles (query ... num_heads all None) is served by that path only.
         score_bias: Name of a layer argument holding an additive
@@ -61,7 +61,7 @@ class EncoderSpec:
         binned: Whether the layer's own attention code (not the attention interface) applies
             the 4-D mask it is given to its scores, and everything it derives from positions for
             the padded length depends on i - j only (DeBERTa). Then its own code runs on bins of
-            whole sequences with a block-diagonal mask (`bt_plugin.binned`).
+            whole sequences with a block-diagonal mask (`bt_plugin.kernels.binned`).
         pass_through: Arguments the encoder loop passes that the layer's own code handles on
             packed or binned tokens (T5's shared position bias); the layer-code paths pass them
             through unchanged.

@@ -28,7 +28,7 @@ ENCODER_ONLY = config_flags_false("is_decoder", "add_cross_attention")
 # What text task heads read at padded positions without the mask. Question answering takes the
 # argmax of start/end logits over every position (training pushes padded ones down, so zeros
 # there could win); sequence classification and multiple choice read the first token, which is
-# padding in a left-padded row (poolers are found by name, see bt_plugin.heads). Token
+# padding in a left-padded row (poolers are found by name, see bt_plugin.dispatch.heads). Token
 # classification and masked-LM logits at padded positions are discarded by their pipelines,
 # losses (label -100) and metrics: those get zeros.
 TEXT_HEAD_READS = (

@@ -7,7 +7,7 @@ relative position bias, no rotary embedding, no gating, an `nn.Module` activatio
 mask as argument 1 (positional or keyword). Most return a tensor and have their outputs recorded
 by transformers' hooks; the older BERT copies (tapas, rembert, visual_bert, megatron-bert) pass
 `output_attentions` to the layer, gather hidden states in the encoder's own loop and get a tuple
-back from the layer (observed from the layer itself, `bt_plugin.calls`): a call with
+back from the layer (observed from the layer itself, `bt_plugin.dispatch.calls`): a call with
 `output_attentions=True` runs the stock forward (the core's call check), and while the encoder
 collects outputs nothing stays packed.
 

@@ -1,7 +1,7 @@
 import pytest
 
 import bt_plugin
-from bt_plugin import patching
+from bt_plugin.loading import patching
 
 
 @pytest.fixture(autouse=True)
@@ -26,9 +26,9 @@ def one_torch_thread():
 
 def pytest_collection_modifyitems(config, items):
     """A test parametrized with a `model_type` (or a `spec`) whose family this transformers version does not
-    have (the registry skips it, `bt_plugin.registry.absent_families`) is skipped with that
+    have (the registry skips it, `bt_plugin.loading.registry.absent_families`) is skipped with that
     reason; `tests/test_versions_and_races.py` checks such models stay stock with it."""
-    from bt_plugin import registry
+    from bt_plugin.loading import registry
 
     from bt_plugin.spec import EncoderSpec
 

@@ -63,7 +63,7 @@ def wordpiece_tokenizer(words: list[str], directory):
 def present(specs: list) -> list:
     """The specs of `specs` whose family this transformers version has (the registry skips the
     others with a reason, checked in tests/test_versions_and_races.py)."""
-    from bt_plugin import registry
+    from bt_plugin.loading import registry
 
     return [spec for spec in specs if spec.name in registry.all_specs()]
 
@@ -153,7 +153,7 @@ def save_reranker(directory, seed: int = 0) -> str:
 def paragraph_pairs(count: int, seed: int = 0) -> list[tuple[str, str]]:
     """`count` (query, passage) pairs of real English paragraphs in arrival order: a paragraph's
     first sentence against another paragraph, of very different lengths."""
-    from bt_plugin import corpus
+    from bt_plugin.tools import corpus
 
     texts = corpus.sample(2 * count, seed)
     return [(texts[2 * i].split(". ")[0], texts[2 * i + 1]) for i in range(count)]

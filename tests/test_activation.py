@@ -23,7 +23,8 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.models.bert.modeling_bert import BertLayer
 
 import bt_plugin
-from bt_plugin import kernels, patching, registry
+from bt_plugin import kernels
+from bt_plugin.loading import patching, registry
 
 import support
 

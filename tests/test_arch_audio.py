@@ -15,8 +15,8 @@ import torch
 import transformers
 
 import bt_plugin
-from bt_plugin import registry
-from bt_plugin.layer import FusedLayer
+from bt_plugin.loading import registry
+from bt_plugin.dispatch.layer import FusedLayer
 from bt_plugin.patches import audio
 from bt_plugin.spec import OPTIONAL_ROLES, ROLES, resolve_path
 from support import present

@@ -65,7 +65,7 @@ def close(want, got, mask):
 
 
 def test_spec_resolves_and_its_bias_is_a_layer_argument():
-    from bt_plugin.calls import parameter_names
+    from bt_plugin.dispatch.calls import parameter_names
 
     (layer_class,) = relative.MPNET.resolve_layer_classes()
     assert relative.MPNET.score_bias in parameter_names(layer_class)
@@ -214,7 +214,7 @@ def test_binned_no_padding_batch_of_one_and_hidden_states(model_type, binned_pai
 
 
 def test_binned_packs_sequences_into_fewer_rows(binned_pairs):
-    from bt_plugin.binned import BINNED, first_fit
+    from bt_plugin.kernels.binned import BINNED, first_fit
 
     assert first_fit([30, 5, 17, 1, 12], 30) == [[0], [2, 4, 3], [1]]
     stock, converted = binned_pairs("deberta-v2", "DebertaV2Model")

@@ -213,7 +213,7 @@ def test_an_exception_half_way_leaves_no_frame_behind(model_type, pairs):
             converted(input_ids=ids, attention_mask=mask)
     finally:
         layer.mlp = original
-    from bt_plugin.stack import _running
+    from bt_plugin.dispatch.stack import _running
 
     assert _running.get() is None
     expected, actual = run_both(stock, converted, input_ids=ids, attention_mask=mask)

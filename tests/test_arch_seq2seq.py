@@ -15,8 +15,8 @@ import torch
 import transformers
 
 import bt_plugin
-from bt_plugin import registry
-from bt_plugin.layer import FusedLayer
+from bt_plugin.loading import registry
+from bt_plugin.dispatch.layer import FusedLayer
 from bt_plugin.patches import seq2seq
 
 ATOL = 1e-5

@@ -25,10 +25,10 @@ import torch
 import transformers
 
 import bt_plugin
-from bt_plugin import registry
-from bt_plugin.conversion import plan
-from bt_plugin.eligibility import structure_reason
-from bt_plugin.layer import FusedLayer
+from bt_plugin.loading import registry
+from bt_plugin.loading.conversion import plan
+from bt_plugin.dispatch.eligibility import structure_reason
+from bt_plugin.dispatch.layer import FusedLayer
 from bt_plugin.patches import text
 from bt_plugin.spec import OPTIONAL_ROLES, ROLES, resolve_path
 

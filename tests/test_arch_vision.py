@@ -22,9 +22,9 @@ import torch
 import transformers
 
 import bt_plugin
-from bt_plugin import registry
-from bt_plugin.eligibility import structure_reason
-from bt_plugin.layer import FusedLayer
+from bt_plugin.loading import registry
+from bt_plugin.dispatch.eligibility import structure_reason
+from bt_plugin.dispatch.layer import FusedLayer
 from bt_plugin.patches import vision
 from bt_plugin.spec import ROLES, OPTIONAL_ROLES, resolve_path, resolve_roles
 

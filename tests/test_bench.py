@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import bt_plugin
-from bt_plugin import bench, cli, corpus
+from bt_plugin.tools import bench, cli, corpus
+from bt_plugin.tools.bench import cases as bench_cases, models as bench_models, report as bench_report
+from bt_plugin.tools.bench import results as bench_results, settings as bench_settings, timing as bench_timing
 
 TINY = ["--shapes", "tiny", "--repeats", "1", "--text-batches", "1", "--threads", "1", "--no-progress"]
 ENGLISH = {"the", "a", "an", "of", "to", "is", "and", "in", "for", "if", "be", "this", "that", "with"}
@@ -61,42 +63,42 @@ def test_prose_filter_rejects_code():
     assert not corpus.is_prose("Too short to count.")
 
 
-@pytest.mark.parametrize("fraction", bench.SWEEP_FRACTIONS)
+@pytest.mark.parametrize("fraction", bench_settings.SWEEP_FRACTIONS)
 def test_sweep_lengths_match_the_fraction(fraction):
-    lengths = bench.sweep_lengths(fraction, 32, 256, seed=0)
+    lengths = bench_cases.sweep_lengths(fraction, 32, 256, seed=0)
     assert len(lengths) == 32 and lengths[0] == 256 and all(1 <= n <= 256 for n in lengths)
     assert abs(sum(lengths) / (32 * 256) - fraction) <= 1 / (32 * 256)
-    assert lengths == bench.sweep_lengths(fraction, 32, 256, seed=0)
+    assert lengths == bench_cases.sweep_lengths(fraction, 32, 256, seed=0)
 
 
 def test_quick_plan_covers_every_workload_and_candidate():
-    settings = bench.make_settings(None, None, None, None, True, None, None, 0)
-    assert {w for _, w in settings.plan()} == set(bench.WORKLOADS)
+    settings = bench_settings.make_settings(None, None, None, None, True, None, None, 0)
+    assert {w for _, w in settings.plan()} == set(bench_settings.WORKLOADS)
     assert settings.repeats == 3 and settings.sweep_length == 128 and not settings.memory
     assert settings.threads == 1
-    assert settings.candidates == tuple(bench.CANDIDATES)
+    assert settings.candidates == tuple(bench_settings.CANDIDATES)
     assert "bert-base" not in settings.shapes
 
 
 def test_busy_machine_is_measured_and_reported(monkeypatch):
-    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(bench_timing.os, "cpu_count", lambda: 2)
     # 10 s of wall time on 2 CPUs; the machine was busy 14 CPU-seconds, 8 of them ours.
-    assert bench.others_cpu_share((100.0, 50.0, 0.0), (114.0, 58.0, 10.0)) == pytest.approx(0.3)
-    assert bench.others_cpu_share((100.0, 50.0, 0.0), (108.0, 58.0, 10.0)) == 0.0
-    assert bench.others_cpu_share((100.0, 50.0, 0.0), (150.0, 50.0, 10.0)) == 1.0
-    assert bench.others_cpu_share((100.0, 50.0, 0.0), (101.0, 50.0, 0.5)) is None  # too short to tell
-    assert bench.others_cpu_share(None, (1.0, 1.0, 1.0)) is None
-    row = bench.CandidateResult("stock", [100.0, 101.0, 180.0], max_abs_diff=0.0)
-    case = bench.CaseResult("tiny", "batch1", "1 x 1 x 16", 1.0, [row], others_cpu=0.3)
-    results = bench.BenchResults(bench.Settings(), {}, [case])
-    assert row.noisy and case.busy and "Busy machine" in bench.noise_line(results)
-    assert "busy: other processes used up to 30% of the CPUs" in bench.render_cases(results)[0]
+    assert bench_timing.others_cpu_share((100.0, 50.0, 0.0), (114.0, 58.0, 10.0)) == pytest.approx(0.3)
+    assert bench_timing.others_cpu_share((100.0, 50.0, 0.0), (108.0, 58.0, 10.0)) == 0.0
+    assert bench_timing.others_cpu_share((100.0, 50.0, 0.0), (150.0, 50.0, 10.0)) == 1.0
+    assert bench_timing.others_cpu_share((100.0, 50.0, 0.0), (101.0, 50.0, 0.5)) is None  # too short to tell
+    assert bench_timing.others_cpu_share(None, (1.0, 1.0, 1.0)) is None
+    row = bench_results.CandidateResult("stock", [100.0, 101.0, 180.0], max_abs_diff=0.0)
+    case = bench_results.CaseResult("tiny", "batch1", "1 x 1 x 16", 1.0, [row], others_cpu=0.3)
+    results = bench_results.BenchResults(bench_settings.Settings(), {}, [case])
+    assert row.noisy and case.busy and "Busy machine" in bench_report.noise_line(results)
+    assert "busy: other processes used up to 30% of the CPUs" in bench_report.render_cases(results)[0]
 
 
 def test_bench_end_to_end(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "MIN_RUN_MS", 1.0)  # one pass per timed run: a smoke test, not a measurement
+    monkeypatch.setattr(bench_timing, "MIN_RUN_MS", 1.0)  # one pass per timed run: a smoke test, not a measurement
     readme = tmp_path / "README.md"
-    readme.write_text(f"# Title\n\nbefore\n\n{bench.README_START}\nold table\n{bench.README_END}\n\nafter\n")
+    readme.write_text(f"# Title\n\nbefore\n\n{bench_report.README_START}\nold table\n{bench_report.README_END}\n\nafter\n")
     out_json = tmp_path / "results.json"
     assert cli.main(["bench", *TINY, "--no-memory", "--json", str(out_json), "--readme", str(readme)]) == 0
     printed = capsys.readouterr().out
@@ -104,27 +106,27 @@ def test_bench_end_to_end(tmp_path, capsys, monkeypatch):
 
     assert data["problems"] == []
     assert [c["workload"] for c in data["cases"]] == ["text", "no-padding", "batch1"] + ["sweep"] * 5
-    assert [round(c["real_fraction"], 2) for c in data["cases"][1:]] == [1.0, 1.0, *bench.SWEEP_FRACTIONS]
+    assert [round(c["real_fraction"], 2) for c in data["cases"][1:]] == [1.0, 1.0, *bench_settings.SWEEP_FRACTIONS]
     for case in data["cases"]:
         rows = {row["candidate"]: row for row in case["rows"]}
-        assert set(rows) == set(bench.CANDIDATES)
+        assert set(rows) == set(bench_settings.CANDIDATES)
         assert rows["fastpath"]["unavailable"] is None  # packed may not exist yet: reported, not run
         for name, row in rows.items():
             if row["unavailable"]:
                 assert name in printed and row["unavailable"] in printed
                 continue
             assert len(row["times_ms"]) == 1 and row["median_ms"] > 0 and row["ratio_to_stock"] > 0
-            assert row["exact"] and row["max_abs_diff"] <= bench.TOLERANCE
-            if bench.CANDIDATES[name][1]:
+            assert row["exact"] and row["max_abs_diff"] <= bench_results.TOLERANCE
+            if bench_settings.CANDIDATES[name][1]:
                 assert row["fused_calls"] > 0 and row["fallback_calls"] == 0, row
     assert all(case["others_cpu"] is None or 0 <= case["others_cpu"] <= 1 for case in data["cases"])
     text = next(c for c in data["cases"] if c["workload"] == "text")
     assert 0.05 < text["real_fraction"] < 0.9
 
     rewritten = readme.read_text()
-    assert rewritten.startswith("# Title\n\nbefore\n\n" + bench.README_START + "\n")
-    assert rewritten.endswith(bench.README_END + "\n\nafter\n") and "old table" not in rewritten
-    block = rewritten.split(bench.README_START)[1].split(bench.README_END)[0]
+    assert rewritten.startswith("# Title\n\nbefore\n\n" + bench_report.README_START + "\n")
+    assert rewritten.endswith(bench_report.README_END + "\n\nafter\n") and "old table" not in rewritten
+    block = rewritten.split(bench_report.README_START)[1].split(bench_report.README_END)[0]
     assert "**tiny · sweep**" in block and "| fastpath |" in block and "Measured on" in block
     assert "torch " + torch.__version__ in block
     assert block.strip() in printed
@@ -135,7 +137,7 @@ def test_rerank_workload_scores_pairs_through_cross_encoder_predict(monkeypatch)
     share taken from what the model received (the same token count the tokenizer gives each pair)."""
     from transformers import AutoTokenizer
 
-    monkeypatch.setattr(bench, "MIN_RUN_MS", 1.0)
+    monkeypatch.setattr(bench_timing, "MIN_RUN_MS", 1.0)
     results = bench.run(["minilm-reranker"], candidates=["packed"], repeats=1, text_batches=1, threads=1,
                         memory=False, progress=False)
     assert results.problems() == []
@@ -144,17 +146,17 @@ def test_rerank_workload_scores_pairs_through_cross_encoder_predict(monkeypatch)
     rows = {row.candidate: row for row in case.rows}
     assert set(rows) == {"stock", "packed"} and rows["packed"].exact
     # all-MiniLM-L6-v2: 6 layers, RERANK_PASSAGES / RERANK_BATCH batches per run
-    assert rows["packed"].fused_calls == 6 * bench.RERANK_PASSAGES // bench.RERANK_BATCH and rows["packed"].fallback_calls == 0
+    assert rows["packed"].fused_calls == 6 * bench_settings.RERANK_PASSAGES // bench_settings.RERANK_BATCH and rows["packed"].fallback_calls == 0
     assert case.matmul_gflops > 0 and 0 < case.of_limit(rows["packed"]) < 2
 
-    (built,) = bench.rerank_cases("minilm-reranker", 1, seed=0)
+    (built,) = bench_cases.rerank_cases("minilm-reranker", 1, seed=0)
     pairs = built.batches[0]["pairs"]
-    assert len(pairs) == bench.RERANK_PASSAGES
-    tokenizer = AutoTokenizer.from_pretrained(str(bench.minilm_dir()))
+    assert len(pairs) == bench_settings.RERANK_PASSAGES
+    tokenizer = AutoTokenizer.from_pretrained(str(bench_models.minilm_dir()))
     real = sum(len(tokenizer(query, passage, truncation=True)["input_ids"]) for query, passage in pairs)
     widths = case.batch_shape.split(" x ")[2].split("/")
-    padded = bench.RERANK_BATCH * sum(int(width) for width in widths)
-    assert case.batch_shape.startswith(f"{bench.RERANK_PASSAGES // bench.RERANK_BATCH} x {bench.RERANK_BATCH} x ")
+    padded = bench_settings.RERANK_BATCH * sum(int(width) for width in widths)
+    assert case.batch_shape.startswith(f"{bench_settings.RERANK_PASSAGES // bench_settings.RERANK_BATCH} x {bench_settings.RERANK_BATCH} x ")
     assert case.real_fraction == pytest.approx(real / padded)
     assert case.real_fraction < 0.9
 
@@ -163,7 +165,7 @@ def test_real_flops_count_every_linear_and_attention_from_the_model():
     """BERT's layer: query, key, value, output (h x h), intermediate (h x i), output (i x h)."""
     import transformers
 
-    from bt_plugin import limit
+    from bt_plugin.tools.bench import limit
 
     h, i, layers = 64, 256, 3
     model = transformers.BertModel(transformers.BertConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=layers,
@@ -178,11 +180,11 @@ def test_real_flops_count_every_linear_and_attention_from_the_model():
 
 
 def test_rerank_runs_on_reranker_shapes_only():
-    settings = bench.make_settings(None, None, None, None, False, None, None, 0)
+    settings = bench_settings.make_settings(None, None, None, None, False, None, None, 0)
     assert ("minilm-reranker", "rerank") in settings.plan()
     assert all((workload == "rerank") == (shape == "minilm-reranker") for shape, workload in settings.plan())
     with pytest.raises(ValueError, match="no chosen shape runs the rerank workload; shapes that do: minilm-reranker"):
-        bench.make_settings(["bert-base"], ["rerank"], None, None, False, None, None, 0)
+        bench_settings.make_settings(["bert-base"], ["rerank"], None, None, False, None, None, 0)
 
 
 def test_peak_memory_of_one_forward_in_fresh_processes():
@@ -194,7 +196,7 @@ def test_peak_memory_of_one_forward_in_fresh_processes():
         assert m.error is None and m.peak_increase_mib >= 0, m
         # the child's baseline peak is its own current size, not this (larger) process's peak
         assert m.maxrss_before_kib - m.rss_before_kib < 16 * 1024, m
-    assert "**Peak memory**" in bench.render_markdown(results)
+    assert "**Peak memory**" in bench_report.render_markdown(results)
 
 
 def test_fallback_guard_fails_the_run(capsys):
@@ -206,7 +208,7 @@ def test_fallback_guard_fails_the_run(capsys):
         handle.remove()
     err = capsys.readouterr().err
     assert code != 0
-    assert bench.FALLBACK_MESSAGE in err and "hook" in err
+    assert bench_results.FALLBACK_MESSAGE in err and "hook" in err
 
 
 def test_fallback_is_a_problem_of_the_results():
@@ -218,7 +220,7 @@ def test_fallback_is_a_problem_of_the_results():
         handle.remove()
     row = results.cases[0].row("fastpath")
     assert row.fallback_calls > 0 and row.fused_calls == 0 and row.exact
-    assert any(bench.FALLBACK_MESSAGE in problem for problem in results.problems())
+    assert any(bench_results.FALLBACK_MESSAGE in problem for problem in results.problems())
 
 
 def test_a_kernel_bt_plugin_lacks_is_reported_not_run(monkeypatch, capsys):

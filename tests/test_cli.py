@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from bt_plugin.cli import main
+from bt_plugin.tools.cli import main
 from support import save_model
 
 

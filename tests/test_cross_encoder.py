@@ -84,7 +84,7 @@ pairs = [tuple(p) for p in json.load(open({str(tmp_path / "pairs.json")!r}))]
 model = CrossEncoder({reranker_dir!r}, device="cpu")
 torch.save(model.predict(pairs, batch_size={BATCH}, convert_to_tensor=True, show_progress_bar=False),
            {str(tmp_path / "scores.pt")!r})
-import bt_plugin.report as report  # only to inspect, after the load
+import bt_plugin.loading.report as report  # only to inspect, after the load
 print(json.dumps([(l.converted, l.fused_calls, l.fallback_calls) for l in report.explain(model.model).layers]))
 """
     env = dict(os.environ, BT_PLUGIN="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")

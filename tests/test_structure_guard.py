@@ -43,7 +43,7 @@ def test_a_renamed_submodule_keeps_that_layer_stock_with_a_reason(model_dir):
 
 def test_no_matching_layer_never_breaks_a_load(model_dir, monkeypatch, caplog):
     """Zero-code path: every layer mismatching its spec -> a warning and the stock model."""
-    from bt_plugin import registry
+    from bt_plugin.loading import registry
 
     spec = registry.all_specs()["bert"]
     broken = type(spec)(**{**spec.__dict__, "linear1": "renamed_in_a_future_release.dense"})

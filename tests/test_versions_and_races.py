@@ -9,7 +9,7 @@ from transformers.modeling_utils import PreTrainedModel
 
 import bt_plugin
 from bt_plugin import compat
-from bt_plugin.layer import FusedLayer
+from bt_plugin.dispatch.layer import FusedLayer
 from support import save_model
 
 
@@ -106,7 +106,7 @@ def test_convert_refuses_what_is_not_a_transformers_model():
 
 
 def test_every_registered_family_is_present_or_skipped_with_a_version_reason():
-    from bt_plugin import registry
+    from bt_plugin.loading import registry
     from bt_plugin.patches import BUILTIN_FAMILIES  # noqa: F401  (the built-ins are registered)
 
     present, absent = registry.all_specs(), registry.absent_families()
@@ -123,7 +123,7 @@ def _absent_with_a_config():
     SEW before 5.13 is checked in tests/test_arch_audio.py."""
     import transformers
 
-    from bt_plugin import registry
+    from bt_plugin.loading import registry
 
     found = []
     for name, reason in registry.absent_families().items():

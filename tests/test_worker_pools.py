@@ -38,7 +38,7 @@ def _offline_one_thread(monkeypatch):
 
 @pytest.fixture(scope="module")
 def texts() -> list[str]:
-    from bt_plugin import corpus
+    from bt_plugin.tools import corpus
 
     return corpus.sample(TEXTS, seed=1)
 

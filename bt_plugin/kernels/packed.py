@@ -1,127 +1,15 @@
-"""The compute kernels behind a fused layer, one interface: `pack`, `layer`, `unpack`.
-
-`fastpath` is PyTorch's fused encoder-layer kernel (`torch._transformer_encoder_layer_fwd`, the
-BetterTransformer kernel) on nested tensors. `packed` removes padding into a `[T, E]` matrix of
-real tokens: every linear, layer norm, activation and residual runs on it (one fused QKV
-matmul); attention runs per sequence on a compact padded view (each row's real tokens moved to
-the front, padded only to the longest real row) with a key-padding mask.
-
-A stack packs once at its first layer and unpacks once after its last (see layer.py), so the
-`pack`/`unpack` cost is paid once per forward, not per layer.
-"""
+"""`packed`: padding removed into a `[T, E]` matrix of real tokens; every linear, layer norm,
+activation and residual runs on it (one fused QKV matmul); attention runs per sequence on exactly
+its real tokens (or on a compact padded view with a key-padding mask when padded rows are kept)."""
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-
-def _consume_nested_prototype_warning() -> None:
-    """torch warns once per process that strided nested tensors are a prototype. That is the API
-    the fused kernel takes, so the warning tells users nothing they can act on: trigger it here,
-    silenced, instead of in the user's first forward (without touching global warning filters)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch._nested_tensor_from_mask(torch.zeros(1, 1, 1), torch.ones(1, 1, dtype=torch.bool))
-
-
-_consume_nested_prototype_warning()
-
-
-@dataclass(frozen=True)
-class LayerTensors:
-    """The tensors and constants of one encoder layer, in BetterTransformer's naming."""
-
-    in_proj_weight: torch.Tensor
-    in_proj_bias: torch.Tensor
-    out_proj_weight: torch.Tensor
-    out_proj_bias: torch.Tensor
-    linear1_weight: torch.Tensor
-    linear1_bias: torch.Tensor
-    linear2_weight: torch.Tensor
-    linear2_bias: torch.Tensor
-    norm1_weight: torch.Tensor
-    norm1_bias: torch.Tensor
-    norm2_weight: torch.Tensor
-    norm2_bias: torch.Tensor
-    norm1_eps: float
-    num_heads: int
-    embed_dim: int
-    norm_first: bool
-    activation: str
-    norm2_eps: float = 1e-5
-    activation_fn: object = None
-    layer_scale1: torch.Tensor | None = None
-    layer_scale2: torch.Tensor | None = None
-    attention_scale: float | None = None
-
-
-def _dtype_reason(name: str, dtypes: dict, hidden: torch.Tensor) -> str | None:
-    served = dtypes.get(hidden.device.type)
-    if served is None:
-        return f"device was {hidden.device.type} ({name} serves {', '.join(dtypes)})"
-    if hidden.dtype not in served:
-        names = ", ".join(str(d).replace("torch.", "") for d in served)
-        return f"dtype was {str(hidden.dtype).replace('torch.', '')} ({name} on {hidden.device.type} serves {names})"
-    return None
-
-
-class FastpathKernel:
-    """PyTorch's fused encoder-layer kernel on nested tensors (the BetterTransformer path)."""
-
-    name = "fastpath"
-    keeps_padded_rows = False
-    activations = ("gelu", "relu")
-    dtypes = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
-    right_padded_only = True
-
-    def static_reason(self, *, activation: str, num_heads: int, norm1_eps: float, norm2_eps: float,
-                      has_biases: bool, plain_residuals: bool = True, score_bias: bool = False) -> str | None:
-        """Why this kernel can never serve a layer of this structure, or None."""
-        if score_bias:
-            return "the layer adds a relative position bias to the attention scores (fastpath cannot)"
-        if not plain_residuals:
-            return "the layer scales its residual branches or attention scores (fastpath cannot)"
-        if activation not in self.activations:
-            return f"activation was {activation} (fastpath computes {', '.join(self.activations)})"
-        if num_heads % 2 == 1:
-            return f"num_heads was {num_heads} (odd; PyTorch's fused kernel needs an even count)"
-        if norm1_eps != norm2_eps:
-            return f"layer norm eps differed ({norm1_eps} and {norm2_eps}; the kernel takes one)"
-        if not has_biases:
-            return "a projection or layer norm had no bias or weight (the fused kernel needs them all)"
-        return None
-
-    def input_reason(self, hidden: torch.Tensor) -> str | None:
-        """Why this kernel cannot take these hidden states (device, dtype), or None."""
-        reason = _dtype_reason(self.name, self.dtypes, hidden)
-        if reason is None and not torch.backends.mha.get_fastpath_enabled():
-            reason = "torch.backends.mha.get_fastpath_enabled() was False"
-        return reason
-
-    def pack(self, hidden: torch.Tensor, keep: torch.Tensor | None):
-        """`(carrier, state)`: a nested tensor of each (right-padded) row's real tokens."""
-        if keep is None:
-            return hidden, None
-        return torch._nested_tensor_from_mask(hidden, keep, mask_check=False), tuple(hidden.shape)
-
-    def unpack(self, carrier: torch.Tensor, state) -> torch.Tensor:
-        """Restore the `(B, L, E)` layout; padded positions are zeros."""
-        return carrier if state is None else carrier.to_padded_tensor(0.0, state)
-
-    def layer(self, hidden: torch.Tensor, t: LayerTensors, state=None) -> torch.Tensor:
-        """One encoder layer on nested (or unpadded dense) hidden states."""
-        return torch._transformer_encoder_layer_fwd(
-            hidden, t.embed_dim, t.num_heads,
-            t.in_proj_weight, t.in_proj_bias, t.out_proj_weight, t.out_proj_bias,
-            t.activation == "gelu", t.norm_first, t.norm1_eps,
-            t.norm1_weight, t.norm1_bias, t.norm2_weight, t.norm2_bias,
-            t.linear1_weight, t.linear1_bias, t.linear2_weight, t.linear2_bias,
-            None, None,
-        )
+from bt_plugin.kernels.tensors import LayerTensors, dtype_reason
 
 
 @dataclass
@@ -162,7 +50,7 @@ class PackedKernel:
         return None
 
     def input_reason(self, hidden: torch.Tensor) -> str | None:
-        return _dtype_reason(self.name, self.dtypes, hidden)
+        return dtype_reason(self.name, self.dtypes, hidden)
 
     def pack(self, hidden: torch.Tensor, keep: torch.Tensor | None, keep_padded_rows: bool = False):
         """`(carrier, state)`: the `[T, E]` real tokens (all `B * L` rows when `keep` is None).
@@ -255,34 +143,3 @@ def _sdpa(qkv: torch.Tensor, batch: int, count: int, t: LayerTensors, key_mask=N
     q, k, v = qkv.view(batch, count, 3, heads, size).permute(2, 0, 3, 1, 4).unbind(0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=t.attention_scale)
     return out.transpose(1, 2).reshape(batch * count, t.embed_dim)
-
-
-from bt_plugin.binned import BINNED  # noqa: E402  (these import nothing from here)
-from bt_plugin.layercode import LAYER_CODE  # noqa: E402
-
-# `layercode` and `binned` also serve, on any choice, the layers a fused kernel cannot compute
-# (see layer.py); `binned` is not a choice of its own.
-KERNELS = {"fastpath": FastpathKernel(), "packed": PackedKernel(), "layercode": LAYER_CODE}
-# What "auto" picks per device type. CPU: packed (measured by `python -m bt_plugin bench`; the
-# fused C++ kernel loses much of its gain to nested-tensor conversions there). CUDA: fastpath,
-# the published BetterTransformer path, until a GPU measurement says otherwise.
-AUTO_KERNEL = {"cpu": "packed", "cuda": "fastpath"}
-KERNEL_CHOICES = ("auto", *KERNELS)
-
-
-def check_kernel_name(name: str) -> str:
-    """Return `name` if it is a valid kernel choice, else raise a ValueError listing them."""
-    if name not in KERNEL_CHOICES:
-        raise ValueError(f"unknown kernel {name!r}; valid kernels: {', '.join(KERNEL_CHOICES)}")
-    return name
-
-
-def resolve_kernel_name(name: str, device_type: str) -> str:
-    """The concrete kernel for a choice on a device (`auto` looks up AUTO_KERNEL)."""
-    check_kernel_name(name)
-    return AUTO_KERNEL.get(device_type, "packed") if name == "auto" else name
-
-
-def get_kernel(name: str, device_type: str = "cpu"):
-    """The kernel for a choice (`auto` resolved for `device_type`)."""
-    return KERNELS[resolve_kernel_name(name, device_type)]

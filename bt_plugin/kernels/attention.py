@@ -4,7 +4,7 @@ transformers' attention modules look up their attention function with
 `ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)`
 (before that method existed: `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`, skipped for
 "eager"; `bt_plugin.compat.attention_lookup` says which).
-While a layer runs its stock code on packed real tokens (`[1, T, E]`, see `bt_plugin.layercode`),
+While a layer runs its stock code on packed real tokens (`[1, T, E]`, see `bt_plugin.kernels.layercode`),
 that lookup returns `packed_attention` in this context only (a ContextVar: other threads, other
 models and every other call are untouched). `packed_attention` runs SDPA per sequence over
 exactly that sequence's real tokens, with the mask stock applied among them (a sliding window,

@@ -145,7 +145,7 @@ def _load_wrapper(wrapped, instance, args, kwargs):
 
 def _convert_quietly(model, kernel: str) -> None:
     """Convert a freshly loaded model; a failure leaves it stock with a warning, never an error."""
-    from bt_plugin.conversion import convert, revert
+    from bt_plugin.loading.conversion import convert, revert
 
     try:
         convert(model, kernel=kernel, strict=False)

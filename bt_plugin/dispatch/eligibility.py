@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bt_plugin.activations import activation_name
+from bt_plugin.dispatch.activations import activation_name
 from bt_plugin.compat import (
     attention_lookup, capture_wrapped, is_transformers_capture_hook, recorded_outputs, version_in,
 )
@@ -128,7 +128,7 @@ def _default_scale(roles: dict) -> bool:
 def call_reason(hidden, named: dict, mask_name: str = "attention_mask", handled: tuple[str, ...] = ()) -> str | None:
     """Reasons that hold for every layer of this call: recording, grad inputs, autocast, tracing.
 
-    `named`: the call's arguments after the hidden states, by name (`bt_plugin.calls.bind`);
+    `named`: the call's arguments after the hidden states, by name (`bt_plugin.dispatch.calls.bind`);
     `handled`: the ones the layer's spec says its path handles (besides the mask).
     """
     if type(hidden) is not torch.Tensor:

@@ -19,17 +19,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from bt_plugin.activations import activation_name
+from bt_plugin.dispatch.activations import activation_name
 from bt_plugin.compat import capture_wrapped, recorded_outputs
-from bt_plugin.eligibility import call_reason, fused_reason, layer_code_reason, layer_code_serves, mode_reason
-from bt_plugin.heads import PaddedReads, padded_reads
-from bt_plugin.binned import BINNED, run_binned
-from bt_plugin.calls import bind, mask_name, returned_items
+from bt_plugin.dispatch.eligibility import call_reason, fused_reason, layer_code_reason, layer_code_serves, mode_reason
+from bt_plugin.dispatch.heads import PaddedReads, padded_reads
+from bt_plugin.kernels.binned import BINNED, run_binned
+from bt_plugin.dispatch.calls import bind, mask_name, returned_items
 from bt_plugin.kernels import KERNELS, LayerTensors, get_kernel
-from bt_plugin.layercode import LAYER_CODE, run_layer
-from bt_plugin.masks import key_padding_mask, padding_reason
+from bt_plugin.kernels.layercode import LAYER_CODE, run_layer
+from bt_plugin.dispatch.masks import key_padding_mask, padding_reason
 from bt_plugin.spec import EncoderSpec, resolve_roles
-from bt_plugin.stack import live_layers, running_frame
+from bt_plugin.dispatch.stack import live_layers, running_frame
 
 _refuse_lock = threading.Lock()
 FASTPATH = KERNELS["fastpath"]  # the one kernel that cannot compute padded rows
@@ -121,7 +121,7 @@ def fused_class_for(stock_class: type, spec: EncoderSpec) -> type:
 
 
 def _rebuild(stock_class: type, spec_name: str, layout: dict | None = None):
-    from bt_plugin.registry import all_specs
+    from bt_plugin.loading.registry import all_specs
 
     return object.__new__(fused_class_for(stock_class, all_specs()[spec_name].with_layout(layout)))
 

@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from bt_plugin.conversion import plan
+from bt_plugin.loading.conversion import plan
 from bt_plugin.kernels import resolve_kernel_name
-from bt_plugin.layer import FusedLayer, LayerStats
+from bt_plugin.dispatch.layer import FusedLayer, LayerStats
 
 
 @dataclass

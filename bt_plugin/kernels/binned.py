@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bt_plugin.calls import mask_name
-from bt_plugin.layercode import attend_matrix
+from bt_plugin.dispatch.calls import mask_name
+from bt_plugin.kernels.layercode import attend_matrix
 
 
 @dataclass
@@ -125,7 +125,7 @@ BINNED = BinnedKernel()
 
 def run_binned(layer, carrier: torch.Tensor, state: BinState, named: dict):
     """`(output, reason)`: the stock forward of `layer` on the bins, with the block-diagonal mask
-    (`named`: the call's arguments by name, `bt_plugin.calls.bind`)."""
+    (`named`: the call's arguments by name, `bt_plugin.dispatch.calls.bind`)."""
     name = mask_name(layer)
     binned, reason = BINNED.bin_mask(named.get(name), state)
     if reason:

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from bt_plugin import kernels, registry
+from bt_plugin import kernels
+from bt_plugin.loading import registry
 from bt_plugin.compat import warn_unsupported_versions_once
-from bt_plugin.eligibility import kernel_reason, layer_code_serves, structure_reason
-from bt_plugin.heads import PaddedReads, padded_reads
-from bt_plugin.layer import FusedLayer, LayerStats, fused_class_for, fused_qkv, unfuse_qkv
+from bt_plugin.dispatch.eligibility import kernel_reason, layer_code_serves, structure_reason
+from bt_plugin.dispatch.heads import PaddedReads, padded_reads
+from bt_plugin.dispatch.layer import FusedLayer, LayerStats, fused_class_for, fused_qkv, unfuse_qkv
 from bt_plugin.spec import EncoderSpec, resolve_path
-from bt_plugin.stack import attach, detach
+from bt_plugin.dispatch.stack import attach, detach
 
 logger = logging.getLogger("bt_plugin")
 

@@ -2,7 +2,7 @@
 
 Every token-wise module runs exactly as the user has it (a plain or LoRA-wrapped or quantized
 Linear, a gated MLP, RMSNorm, rotary embedding...) on `[1, T, E]`, the `T` real tokens of the
-batch in one row; attention runs per sequence over exactly its real tokens (`bt_plugin.attention`).
+batch in one row; attention runs per sequence over exactly its real tokens (`bt_plugin.kernels.attention`).
 Inputs the encoder loop hands every layer with a `(B, L, ...)` layout (rotary cos/sin,
 position ids) are packed the same way; the mask of each layer call becomes, per sequence, the mask
 stock applies among its real tokens.
@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bt_plugin.attention import Segments, attending_within
-from bt_plugin.calls import mask_name
+from bt_plugin.kernels.attention import Segments, attending_within
+from bt_plugin.dispatch.calls import mask_name
 
-# An additive mask entry at or below this is "masked" (as in bt_plugin.masks).
+# An additive mask entry at or below this is "masked" (as in bt_plugin.dispatch.masks).
 _MASKED_AT_OR_BELOW = -1.0e4
 
 
@@ -144,7 +144,7 @@ def run_layer(layer, carrier: torch.Tensor, state: LayerCodeState, named: dict):
     """`(output, reason)`: the stock forward of `layer` on the packed tokens, or a reason: then the
     caller runs the stock forward on the padded batch. A reason with `output` None concerns this
     call (its mask); with an output, the layer itself (it bypassed the attention interface).
-    `named`: the call's arguments by name (`bt_plugin.calls.bind`)."""
+    `named`: the call's arguments by name (`bt_plugin.dispatch.calls.bind`)."""
     spec = layer._bt_spec
     name = mask_name(layer)
     segments, reason = LAYER_CODE.segments(named.get(name), state)

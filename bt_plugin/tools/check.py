@@ -49,7 +49,7 @@ def load_stock(path: str):
     import torch
     from transformers import AutoModel
 
-    from bt_plugin.conversion import is_converted, revert
+    from bt_plugin import is_converted, revert
 
     model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
     if is_converted(model):
@@ -90,7 +90,7 @@ def sample_batch(config, tokenizer=None) -> dict:
 
     width = _max_length(config, tokenizer)
     if tokenizer is not None:
-        from bt_plugin.cli import SENTENCES
+        from bt_plugin.tools.demo import SENTENCES
 
         if tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -59,7 +59,7 @@ def hook_active() -> bool:
     """Whether the from_pretrained patch is installed in this process (after importing transformers)."""
     import transformers.modeling_utils  # noqa: F401  (lets the .pth hook activate, if it is armed)
 
-    from bt_plugin.patching import is_patched
+    from bt_plugin.loading.patching import is_patched
 
     return is_patched()
 
@@ -67,7 +67,7 @@ def hook_active() -> bool:
 def families() -> list[dict[str, Any]]:
     """Each registered family with its model types and where it comes from: bt_plugin's own
     `bt_plugin.patches`, or a third-party distribution's entry point."""
-    from bt_plugin.registry import _load_entry_point, absent_families, builtin_specs, third_party_entry_points
+    from bt_plugin.loading.registry import _load_entry_point, absent_families, builtin_specs, third_party_entry_points
 
     absent = absent_families()
     rows = [{"family": spec.name, "entry_point": None, "distribution": "bt-plugin", "built_in": True,

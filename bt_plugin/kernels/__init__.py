@@ -1,0 +1,47 @@
+"""The compute kernels behind a fused layer, one module each, and the per-device table that picks one.
+
+- `fastpath.py`: PyTorch's fused encoder-layer kernel on nested tensors (BetterTransformer's);
+- `packed.py`: padding removed once, every dense op on the `[T, E]` matrix of real tokens;
+- `layercode.py`: the layer's own code on the packed tokens (rotary, gated, adapters, quantized);
+- `binned.py`: the layer's own code on bins of whole sequences (relative-position layers);
+- `attention.py`: the per-sequence attention those two hand to transformers' attention lookup;
+- `tensors.py`: what the fused kernels take (`LayerTensors`).
+
+Every kernel has one interface: `pack`, `layer`, `unpack`. A stack packs once at its first layer
+and unpacks once after its last (see bt_plugin/dispatch/layer.py), so the `pack`/`unpack` cost is
+paid once per forward, not per layer.
+"""
+
+from __future__ import annotations
+
+from bt_plugin.kernels.fastpath import FastpathKernel
+from bt_plugin.kernels.layercode import LAYER_CODE
+from bt_plugin.kernels.packed import PackedKernel
+from bt_plugin.kernels.tensors import LayerTensors  # noqa: F401  (what every kernel takes)
+
+# `layercode` and `binned` also serve, on any choice, the layers a fused kernel cannot compute
+# (see layer.py); `binned` is not a choice of its own.
+KERNELS = {"fastpath": FastpathKernel(), "packed": PackedKernel(), "layercode": LAYER_CODE}
+# What "auto" picks per device type. CPU: packed (measured by `python -m bt_plugin bench`; the
+# fused C++ kernel loses much of its gain to nested-tensor conversions there). CUDA: fastpath,
+# the published BetterTransformer path, until a GPU measurement says otherwise.
+AUTO_KERNEL = {"cpu": "packed", "cuda": "fastpath"}
+KERNEL_CHOICES = ("auto", *KERNELS)
+
+
+def check_kernel_name(name: str) -> str:
+    """Return `name` if it is a valid kernel choice, else raise a ValueError listing them."""
+    if name not in KERNEL_CHOICES:
+        raise ValueError(f"unknown kernel {name!r}; valid kernels: {', '.join(KERNEL_CHOICES)}")
+    return name
+
+
+def resolve_kernel_name(name: str, device_type: str) -> str:
+    """The concrete kernel for a choice on a device (`auto` looks up AUTO_KERNEL)."""
+    check_kernel_name(name)
+    return AUTO_KERNEL.get(device_type, "packed") if name == "auto" else name
+
+
+def get_kernel(name: str, device_type: str = "cpu"):
+    """The kernel for a choice (`auto` resolved for `device_type`)."""
+    return KERNELS[resolve_kernel_name(name, device_type)]

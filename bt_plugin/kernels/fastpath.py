@@ -1,0 +1,77 @@
+"""`fastpath`: PyTorch's fused encoder-layer kernel (`torch._transformer_encoder_layer_fwd`, the
+BetterTransformer kernel) on nested tensors of each row's real tokens."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from bt_plugin.kernels.tensors import LayerTensors, dtype_reason
+
+
+def _consume_nested_prototype_warning() -> None:
+    """torch warns once per process that strided nested tensors are a prototype. That is the API
+    the fused kernel takes, so the warning tells users nothing they can act on: trigger it here,
+    silenced, instead of in the user's first forward (without touching global warning filters)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch._nested_tensor_from_mask(torch.zeros(1, 1, 1), torch.ones(1, 1, dtype=torch.bool))
+
+
+_consume_nested_prototype_warning()
+
+
+class FastpathKernel:
+    """PyTorch's fused encoder-layer kernel on nested tensors (the BetterTransformer path)."""
+
+    name = "fastpath"
+    keeps_padded_rows = False
+    activations = ("gelu", "relu")
+    dtypes = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
+    right_padded_only = True
+
+    def static_reason(self, *, activation: str, num_heads: int, norm1_eps: float, norm2_eps: float,
+                      has_biases: bool, plain_residuals: bool = True, score_bias: bool = False) -> str | None:
+        """Why this kernel can never serve a layer of this structure, or None."""
+        if score_bias:
+            return "the layer adds a relative position bias to the attention scores (fastpath cannot)"
+        if not plain_residuals:
+            return "the layer scales its residual branches or attention scores (fastpath cannot)"
+        if activation not in self.activations:
+            return f"activation was {activation} (fastpath computes {', '.join(self.activations)})"
+        if num_heads % 2 == 1:
+            return f"num_heads was {num_heads} (odd; PyTorch's fused kernel needs an even count)"
+        if norm1_eps != norm2_eps:
+            return f"layer norm eps differed ({norm1_eps} and {norm2_eps}; the kernel takes one)"
+        if not has_biases:
+            return "a projection or layer norm had no bias or weight (the fused kernel needs them all)"
+        return None
+
+    def input_reason(self, hidden: torch.Tensor) -> str | None:
+        """Why this kernel cannot take these hidden states (device, dtype), or None."""
+        reason = dtype_reason(self.name, self.dtypes, hidden)
+        if reason is None and not torch.backends.mha.get_fastpath_enabled():
+            reason = "torch.backends.mha.get_fastpath_enabled() was False"
+        return reason
+
+    def pack(self, hidden: torch.Tensor, keep: torch.Tensor | None):
+        """`(carrier, state)`: a nested tensor of each (right-padded) row's real tokens."""
+        if keep is None:
+            return hidden, None
+        return torch._nested_tensor_from_mask(hidden, keep, mask_check=False), tuple(hidden.shape)
+
+    def unpack(self, carrier: torch.Tensor, state) -> torch.Tensor:
+        """Restore the `(B, L, E)` layout; padded positions are zeros."""
+        return carrier if state is None else carrier.to_padded_tensor(0.0, state)
+
+    def layer(self, hidden: torch.Tensor, t: LayerTensors, state=None) -> torch.Tensor:
+        """One encoder layer on nested (or unpadded dense) hidden states."""
+        return torch._transformer_encoder_layer_fwd(
+            hidden, t.embed_dim, t.num_heads,
+            t.in_proj_weight, t.in_proj_bias, t.out_proj_weight, t.out_proj_bias,
+            t.activation == "gelu", t.norm_first, t.norm1_eps,
+            t.norm1_weight, t.norm1_bias, t.norm2_weight, t.norm2_bias,
+            t.linear1_weight, t.linear1_bias, t.linear2_weight, t.linear2_bias,
+            None, None,
+        )

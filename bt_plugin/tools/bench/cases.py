@@ -1,0 +1,125 @@
+"""The inputs: real paragraphs, reranking pairs, random tokens, the real-token sweep."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from bt_plugin.tools.bench.settings import RERANK_PASSAGES, SWEEP_BATCH, SWEEP_FRACTIONS, Settings, TEXT_BATCH, TEXT_MAX_LENGTH, WORKLOADS
+
+
+@dataclass
+class Case:
+    """One timed input set: a list of batches (a timed run is a forward over each, in turn)."""
+
+    shape: str
+    workload: str
+    batches: list[dict]  # token tensors, or {"pairs": [(query, passage), ...]} for the rerank workload
+    # The attention masks the model received, for batches of text (recorded on stock's untimed run).
+    received_masks: list[torch.Tensor] | None = None
+
+    @property
+    def masks(self) -> list[torch.Tensor]:
+        """The attention mask of every batch the model runs."""
+        if self.received_masks is not None:
+            return self.received_masks
+        return [b["attention_mask"] for b in self.batches]
+
+    @property
+    def of_text(self) -> bool:
+        """Whether the batches are text that the candidate tokenizes itself (the rerank workload)."""
+        return "pairs" in self.batches[0]
+
+    @property
+    def real_fraction(self) -> float:
+        """Real tokens / padded positions, over all batches."""
+        masks = self.masks
+        return sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+
+    @property
+    def batch_shape(self) -> str:
+        """`batches x rows x padded length(s)`, e.g. `4 x 32 x 70/73/116/187`."""
+        sizes = sorted({tuple(m.shape) for m in self.masks}, key=lambda s: s[1])
+        rows = {s[0] for s in sizes}
+        lengths = "/".join(str(s[1]) for s in sizes)
+        return f"{len(self.masks)} x {'/'.join(map(str, sorted(rows)))} x {lengths}"
+
+
+def text_cases(shape: str, batches: int, tokenizer, seed: int) -> list[Case]:
+    """Batches of real paragraphs, drawn seeded and shuffled, padded to the longest of each batch."""
+    from bt_plugin.tools import corpus
+
+    texts = corpus.sample(batches * TEXT_BATCH, seed)
+    encoded = [
+        dict(tokenizer(texts[i:i + TEXT_BATCH], padding="longest", truncation=True,
+                       max_length=TEXT_MAX_LENGTH, return_tensors="pt"))
+        for i in range(0, len(texts), TEXT_BATCH)
+    ]
+    return [Case(shape, "text", encoded)]
+
+
+def rerank_cases(shape: str, queries: int, seed: int) -> list[Case]:
+    """`queries` reranking calls in arrival order: a paragraph's first sentence as the query
+    against RERANK_PASSAGES other real paragraphs, scored RERANK_BATCH pairs at a time."""
+    from bt_plugin.tools import corpus
+
+    texts = corpus.sample(queries * (1 + RERANK_PASSAGES), seed)
+    calls = []
+    for start in range(0, len(texts), 1 + RERANK_PASSAGES):
+        query, *passages = texts[start:start + 1 + RERANK_PASSAGES]
+        calls.append({"pairs": [(query.split(". ")[0], passage) for passage in passages]})
+    return [Case(shape, "rerank", calls)]
+
+
+def random_batch(lengths: Sequence[int], width: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
+    """Right-padded random token ids (pad id 0) with the given real lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, vocab, (len(lengths), width), generator=generator)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, real in enumerate(lengths):
+        mask[row, :real] = 1
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def sweep_lengths(fraction: float, batch: int, length: int, seed: int) -> list[int]:
+    """Row lengths whose mean is `fraction * length` (to one token); the first row is full length.
+
+    The other rows are drawn uniformly (seeded) around their mean, as wide as [1, length] allows.
+    """
+    rest, rows = round(fraction * batch * length) - length, batch - 1
+    if not rows <= rest <= rows * length:
+        raise ValueError(f"a real-token fraction of {fraction} is impossible at {batch} x {length} with one full row")
+    mean = rest / rows
+    spread = min(0.9, (length - mean) / mean, (mean - 1) / mean)
+    draw = random.Random(seed)
+    lengths = [min(length, max(1, round(mean * (1 + spread * (2 * draw.random() - 1))))) for _ in range(rows)]
+    index = 0
+    while sum(lengths) != rest:  # spread the rounding error one token at a time
+        step = 1 if sum(lengths) < rest else -1
+        if 1 <= lengths[index % rows] + step <= length:
+            lengths[index % rows] += step
+        index += 1
+    return [length, *lengths]
+
+
+def build_cases(shape: str, workload: str, tokenizer, settings: Settings, vocab: int) -> list[Case]:
+    """The cases of one workload on one shape (the sweep gives one case per fraction)."""
+    seed = settings.seed
+    if workload == "text":
+        return text_cases(shape, settings.text_batches, tokenizer, seed)
+    if workload == "rerank":
+        return rerank_cases(shape, settings.text_batches, seed)
+    if workload == "no-padding":
+        return [Case(shape, workload, [random_batch([128] * 8, 128, vocab, seed)])]
+    if workload == "batch1":
+        return [Case(shape, workload, [random_batch([16], 16, vocab, seed)])]
+    if workload == "sweep":
+        return [
+            Case(shape, workload, [random_batch(sweep_lengths(f, SWEEP_BATCH, settings.sweep_length, seed + i),
+                                                settings.sweep_length, vocab, seed + i)])
+            for i, f in enumerate(SWEEP_FRACTIONS)
+        ]
+    raise ValueError(f"unknown workload {workload!r}; valid: {', '.join(WORKLOADS)}")

@@ -1,0 +1,98 @@
+"""`python -m bt_plugin bench`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bt_plugin.tools.bench.report import README_END, README_START, _pyplot, plot_sweep, render_markdown, rewrite_readme
+from bt_plugin.tools.bench.results import BenchResults, FALLBACK_MESSAGE
+from bt_plugin.tools.bench.runner import run_settings
+from bt_plugin.tools.bench.settings import CANDIDATES, DEFAULT_REPEATS, DEFAULT_SHAPES, QUICK_REPEATS, QUICK_THREADS, SHAPES, Settings, WORKLOADS, make_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m bt_plugin bench` options."""
+    parser = argparse.ArgumentParser(prog="python -m bt_plugin bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    public = [name for name, shape in SHAPES.items() if shape.public]
+    parser.add_argument("--quick", action="store_true", help="minilm (text, no-padding, batch1) and bert-small "
+                        "(sweep at 32 x 128), 3 repeats, 1 text batch, no peak memory, 1 torch thread: "
+                        "under 2 minutes")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"timed runs per candidate (default {DEFAULT_REPEATS}, {QUICK_REPEATS} with --quick)")
+    parser.add_argument("--shapes", type=_names, default=None, help=f"comma-separated: {', '.join(public)} "
+                        f"(default {','.join(DEFAULT_SHAPES)})")
+    parser.add_argument("--workloads", type=_names, default=None, help=f"comma-separated: {', '.join(WORKLOADS)} "
+                        "(default: text, no-padding, batch1 everywhere; sweep on the bert shapes; "
+                        "rerank on minilm-reranker, which runs nothing else)")
+    parser.add_argument("--candidates", type=_names, default=None,
+                        help=f"comma-separated: {', '.join(CANDIDATES)} (default all; stock is always run)")
+    parser.add_argument("--text-batches", type=int, default=None, help="batches of 32 paragraphs in the text "
+                        "workload (default 4, 1 with --quick)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help=f"torch intra-op threads (default: torch's; {QUICK_THREADS} with --quick)")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
+                        help="measure peak memory in fresh processes (default: on, off with --quick)")
+    parser.add_argument("--plot", metavar="FILE.png", help="plot the sweep's speed-up against the real-token fraction")
+    parser.add_argument("--json", metavar="FILE", help="write all results as JSON")
+    parser.add_argument("--readme", metavar="README.md", help=f"rewrite the {README_START} ... {README_END} block")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help=argparse.SUPPRESS)
+    return parser
+
+
+def _names(value: str) -> tuple[str, ...]:
+    """A comma-separated option value."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark from command-line arguments; 0 when every candidate was exact and fused."""
+    return run_from_args(build_parser().parse_args(argv))
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Check the choices and outputs, run, print the report, write JSON/README/plot, judge."""
+    try:
+        settings = make_settings(args.shapes, args.workloads, args.candidates, args.repeats, args.quick,
+                                 args.memory, args.text_batches, 0, args.threads)
+        _check_outputs(args, settings)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    results = run_settings(settings, args.progress)
+    report = render_markdown(results)
+    print(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results.to_dict(), indent=2))
+    if args.readme:
+        rewrite_readme(args.readme, report)
+    if args.plot:
+        plot_sweep(results, args.plot)
+    return _verdict(results)
+
+
+def _check_outputs(args: argparse.Namespace, settings: Settings) -> None:
+    """Fail before the benchmark, not after it: README markers, matplotlib, a sweep to plot."""
+    if args.readme:
+        rewrite_readme(args.readme, None)
+    if args.plot:
+        _pyplot()
+        if not any(workload == "sweep" for _, workload in settings.plan()):
+            raise ValueError("--plot draws the sweep workload, which this selection does not run")
+
+
+def _verdict(results: BenchResults) -> int:
+    """Print every problem (with fallback reasons) to stderr; 1 if there was any."""
+    problems = results.problems()
+    for problem in problems:
+        print(f"FAIL {problem}", file=sys.stderr)
+    if any(FALLBACK_MESSAGE in p for p in problems):
+        print(f"error: {FALLBACK_MESSAGE}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The report: markdown tables, the README block, the sweep plot."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from bt_plugin.tools.bench.results import BUSY_SHARE, BenchResults, CandidateResult, CaseResult, NOISY_SPREAD
+
+
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _ms(value: float | None) -> str:
+    """Milliseconds with one decimal below a second, whole above."""
+    return "-" if value is None else f"{value:.1f}" if value < 1000 else f"{value:.0f}"
+
+
+def _row_cells(case: CaseResult, row: CandidateResult) -> list[str]:
+    """One table row (see CASE_COLUMNS)."""
+    if row.unavailable:
+        return [row.candidate, f"unavailable: {row.unavailable}", "", "", f"{case.real_fraction:.0%}", "", "", "", ""]
+    ratio = case.ratio(row)
+    diff = f"{row.max_abs_diff:.1e} {'ok' if row.exact else 'FAIL'}"
+    calls = "-" if not row.fused else f"{row.fused_calls} / {row.fallback_calls}"
+    spread = f"{_ms(min(row.times_ms))}–{_ms(max(row.times_ms))}" + (" noisy" if row.noisy else "")
+    return [
+        row.candidate, _ms(row.median_ms), spread,
+        f"{ratio:.2f}x", f"{case.real_fraction:.0%}", f"{ratio * case.real_fraction:.0%}",
+        "-" if case.of_limit(row) is None else f"{case.of_limit(row):.0%}", diff, calls,
+    ]
+
+
+CASE_COLUMNS = ("candidate", "median ms", "min–max ms", "ratio", "real tokens", "of ideal", "of limit",
+                "max abs diff (real tokens)", "fused / fallback calls")
+
+
+def markdown_table(header: Sequence[str], rows: list[list[str]]) -> str:
+    """A GitHub markdown table; every column but the first is right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "|".join("---:" for _ in header[1:]) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def render_cases(results: BenchResults) -> list[str]:
+    """One markdown table per (shape, workload); the sweep's fractions are row groups."""
+    groups: dict[tuple[str, str], list[CaseResult]] = {}
+    for case in results.cases:
+        groups.setdefault((case.shape, case.workload), []).append(case)
+    tables = []
+    for (shape, workload), cases in groups.items():
+        batches = "; ".join(dict.fromkeys(c.batch_shape for c in cases))
+        passes = max(c.passes for c in cases)
+        repeated = f"; up to {passes} passes per timed run, ms per pass" if passes > 1 else ""
+        busy = [c.others_cpu for c in cases if c.busy]
+        busy = f"; busy: other processes used up to {max(busy):.0%} of the CPUs" if busy else ""
+        rates = [c.matmul_gflops for c in cases if c.matmul_gflops]
+        spread = f"{min(rates):.0f}" if rates and round(min(rates)) == round(max(rates)) else f"{min(rates or [0]):.0f}–{max(rates or [0]):.0f}"
+        limit = f"; matrix-multiply limit {spread} GFLOP/s" if rates else ""
+        title = f"**{shape} · {workload}** (batches x rows x padded length: {batches}{repeated}{limit}{busy})"
+        rows = [_row_cells(case, row) for case in cases for row in case.rows]
+        tables.append(title + "\n\n" + markdown_table(CASE_COLUMNS, rows))
+    return tables
+
+
+def render_memory(results: BenchResults) -> str | None:
+    """The peak-memory table (None when memory was not measured)."""
+    if not results.memory:
+        return None
+    stock = {(m.shape, m.workload): m.peak_increase_mib for m in results.memory if m.candidate == "stock"}
+    rows = []
+    for m in results.memory:
+        base = stock.get((m.shape, m.workload))
+        value = m.error or f"{m.peak_increase_mib:.0f}"
+        versus = f"{m.peak_increase_mib / base:.2f}x" if not m.error and base else "-"
+        rows.append([f"{m.shape} · {m.workload}", m.batch_shape, m.candidate, value, versus])
+    header = ("case", "batch", "candidate", "peak RSS increase of one forward (MiB)", "vs stock")
+    return "**Peak memory** (fresh process per candidate, ru_maxrss after - before the forward)\n\n" + \
+        markdown_table(header, rows)
+
+
+def machine_line(results: BenchResults) -> str:
+    """One line naming the machine, the versions, the date and how the numbers were taken."""
+    m, s = results.machine, results.settings
+    threads = f"{m['torch_threads']} torch thread{'s' if m['torch_threads'] != 1 else ''}"
+    return (f"Measured on {m['cpu']}, {m['cores']} cores ({threads}; 1-minute load average "
+            f"{m['load_average_before']} before, {m.get('load_average_after')} after), torch {m['torch']}, "
+            f"transformers {m['transformers']}, Python {m['python']}, {m['date']}: fp32, "
+            f"`torch.inference_mode()`, median of {s.repeats} interleaved runs"
+            f"{' (--quick)' if s.quick else ''}; ratio = stock median / candidate median; of ideal = ratio / "
+            f"(1 / real-token fraction); of limit = the real tokens' FLOPs per second / the matrix-multiply "
+            f"rate this process measured on the same shapes just before (bt_plugin.tools.bench.limit).")
+
+
+def noise_line(results: BenchResults) -> str | None:
+    """A warning when timings spread widely: a busy machine, whose contention interleaving cannot
+    cancel (it slows a kernel with many small operations more than one with few large ones)."""
+    rows = [row for case in results.cases for row in case.rows if row.times_ms]
+    noisy, busy = sum(row.noisy for row in rows), sum(case.busy for case in results.cases)
+    if not (noisy or busy):
+        return None
+    return (f"**Busy machine:** {busy} of {len(results.cases)} cases ran while other processes used more than "
+            f"{BUSY_SHARE:.0%} of the CPUs, and {noisy} of {len(rows)} rows spread over more than "
+            f"{NOISY_SPREAD:.0%} of their median (marked `noisy`). Contention slows kernels made of many "
+            "small operations most, which interleaving cannot cancel: rerun when the machine is idle"
+            + (", or compare with `--threads 1`." if results.settings.threads != 1 else "."))
+
+
+def render_markdown(results: BenchResults) -> str:
+    """The whole report: what the CLI prints and what `--readme` puts between the markers."""
+    parts = [*render_cases(results), render_memory(results), noise_line(results), machine_line(results)]
+    return "\n\n".join(p for p in parts if p)
+
+
+def rewrite_readme(path: str | Path, block: str | None) -> None:
+    """Replace what lies between the bench markers of a README with `block` (None: only check)."""
+    path = Path(path)
+    text = path.read_text()
+    pattern = re.compile(re.escape(README_START) + r".*?" + re.escape(README_END), re.S)
+    if len(pattern.findall(text)) != 1:
+        raise ValueError(f"{path} needs exactly one {README_START} ... {README_END} block")
+    if block is not None:
+        path.write_text(pattern.sub(lambda _: f"{README_START}\n{block}\n{README_END}", text))
+
+
+def plot_sweep(results: BenchResults, path: str | Path) -> None:
+    """Speed-up over stock against the real-token fraction, per sweep shape, with the ideal 1/f."""
+    plt = _pyplot()
+    sweeps: dict[str, list[CaseResult]] = {}
+    for case in results.cases:
+        if case.workload == "sweep":
+            sweeps.setdefault(case.shape, []).append(case)
+    if not sweeps:
+        raise ValueError("--plot needs the sweep workload")
+    figure, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4.5), squeeze=False)
+    for ax, (shape, cases) in zip(axes[0], sweeps.items()):
+        low = min(c.real_fraction for c in cases)
+        curve = [low + (1 - low) * i / 100 for i in range(101)]
+        ax.plot(curve, [1 / f for f in curve], "k--", label="ideal (1 / fraction)")
+        for name in results.settings.candidates:
+            points = [(c.real_fraction, c.ratio(c.row(name))) for c in cases if c.row(name).median_ms]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=name)
+        ax.set(xlabel="real-token fraction", ylabel="speed-up over stock (x)", yscale="log",
+               title=f"{shape}, batch {cases[0].batch_shape.split(' x ', 1)[1]}")
+        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(str(path), dpi=120)
+    plt.close(figure)
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or a SystemExit saying how to install it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'bt-plugin[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

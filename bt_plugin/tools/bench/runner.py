@@ -1,0 +1,100 @@
+"""A whole run: build the cases, time shape by shape, measure memory."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from bt_plugin.tools.bench.cases import Case, build_cases
+from bt_plugin.tools.bench.memory import memory_jobs, run_memory
+from bt_plugin.tools.bench.models import minilm_dir, model_source
+from bt_plugin.tools.bench.results import BenchResults
+from bt_plugin.tools.bench.settings import SHAPES, Settings, make_settings, shape_candidates
+from bt_plugin.tools.bench.timing import run_shape
+
+
+def machine_info() -> dict:
+    """CPU model, cores, torch threads, versions, date and load: what the README line names."""
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "python": platform.python_version(), "date": datetime.date.today().isoformat(),
+        "load_average_before": _load_average(),
+    }
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (how busy the machine was: other processes distort timings)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def run(shapes: Sequence[str] | None = None, workloads: Sequence[str] | None = None, *,
+        candidates: Sequence[str] | None = None, repeats: int | None = None, quick: bool = False,
+        memory: bool | None = None, text_batches: int | None = None, seed: int = 0,
+        threads: int | None = None, progress: bool = True) -> BenchResults:
+    """Run the benchmark and return the results (nothing is printed but the progress bar).
+
+    Defaults: DEFAULT_SHAPES, each shape's workloads, every candidate (each shape runs those it
+    lists), 5 repeats, peak memory, torch's threads; with `quick`, QUICK_PLAN, 3 repeats, 1 text
+    batch, no peak memory, 1 thread.
+    """
+    settings = make_settings(shapes, workloads, candidates, repeats, quick, memory, text_batches, seed, threads)
+    return run_settings(settings, progress)
+
+
+def run_settings(settings: Settings, progress: bool = True) -> BenchResults:
+    """Run the benchmark as `settings` say (see `run`)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on, threads_were = hf_logging.is_progress_bar_enabled(), torch.get_num_threads()
+    hf_logging.disable_progress_bar()  # loading bars would tear through ours
+    try:
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+        with tempfile.TemporaryDirectory(prefix="bt_plugin_bench_") as tmp:
+            return _run(settings, tokenizer, Path(tmp), progress)
+    finally:
+        torch.set_num_threads(threads_were)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
+def _run(settings: Settings, tokenizer, workdir: Path, progress: bool) -> BenchResults:
+    """Build every case, time shape by shape under one progress bar, then measure memory."""
+    from tqdm import tqdm
+
+    results = BenchResults(settings, machine_info())
+    by_shape: dict[str, list[Case]] = {}
+    for shape, workload in settings.plan():
+        cases = build_cases(shape, workload, tokenizer, settings, len(tokenizer))
+        if SHAPES[shape].config_class != "BertConfig":  # token types are BERT's
+            for case in cases:
+                case.batches = [{k: v for k, v in b.items() if k != "token_type_ids"} for b in case.batches]
+        by_shape.setdefault(shape, []).extend(cases)
+    total = sum(len(cases) * len(shape_candidates(shape, settings)) for shape, cases in by_shape.items()) * settings.repeats
+    with tqdm(total=total, unit="run", disable=not progress, dynamic_ncols=True) as bar:
+        for shape, cases in by_shape.items():
+            results.cases += run_shape(shape, cases, settings, model_source(shape, workdir, settings.seed), bar)
+    results.memory = run_memory(memory_jobs(settings, by_shape, tokenizer, workdir), settings, workdir)
+    results.machine["load_average_after"] = _load_average()
+    return results

@@ -1,0 +1,174 @@
+"""What a benchmark run runs: the candidates, the model shapes, the workloads, the plans (default and --quick) and their validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+# name -> (attn_implementation, bt_plugin kernel or None)
+CANDIDATES: dict[str, tuple[str, str | None]] = {
+    "stock": ("sdpa", None),
+    "stock-eager": ("eager", None),
+    "fastpath": ("sdpa", "fastpath"),
+    "packed": ("sdpa", "packed"),
+}
+
+
+MEMORY_CANDIDATES = ("stock", "fastpath", "packed")
+
+
+TOKEN_WORKLOADS = ("text", "no-padding", "batch1", "sweep")  # token tensors into the model
+
+
+WORKLOADS = (*TOKEN_WORKLOADS, "rerank")  # rerank: sentence-transformers' CrossEncoder.predict on text pairs
+
+
+SWEEP_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.1)
+
+
+TEXT_BATCH, TEXT_MAX_LENGTH = 32, 256
+
+
+RERANK_PASSAGES, RERANK_BATCH = 64, 32  # passages per query (one predict call each), pairs per batch
+
+
+SWEEP_BATCH, SWEEP_LENGTH, QUICK_SWEEP_LENGTH = 32, 256, 128
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A model shape: `BertConfig` overrides (random weights), or None for the real checkpoint."""
+
+    name: str
+    config: dict | None
+    workloads: tuple[str, ...] = TOKEN_WORKLOADS  # run by default
+    memory: bool = True  # measure the peak memory of the text workload
+    public: bool = True
+    config_class: str = "BertConfig"
+    model_class: str = "BertModel"
+    adapter: bool = False  # every candidate gets the same unmerged LoRA adapter (see with_adapter)
+    candidates: tuple[str, ...] | None = None  # None: every selected candidate
+    attn_implementation: str | None = None  # for every candidate (a model without sdpa: "eager")
+    reranker: bool = False  # a CrossEncoder over the real checkpoint with a seeded one-label head
+
+    def runs(self, candidate: str) -> bool:
+        return self.candidates is None or candidate in self.candidates
+
+    def serves(self, workload: str) -> bool:
+        """A reranker shape runs the rerank workload only, every other shape the token workloads."""
+        return (workload == "rerank") == self.reranker
+
+
+SHAPES: dict[str, Shape] = {
+    "bert-base": Shape("bert-base", {}),
+    "minilm": Shape("minilm", None, ("text", "no-padding", "batch1"), memory=False),
+    "bert-small": Shape("bert-small", dict(hidden_size=256, num_attention_heads=4,
+                                           intermediate_size=1024, num_hidden_layers=2)),
+    # Layers served by their own code on packed tokens (layercode): fastpath and packed would both
+    # take that path, so only `packed` runs against stock.
+    "modernbert-base": Shape("modernbert-base", {}, ("text", "no-padding", "batch1"), memory=False,
+                             config_class="ModernBertConfig", model_class="ModernBertModel",
+                             candidates=("stock", "packed")),
+    "gte-base": Shape("gte-base", {}, ("text", "no-padding", "batch1"), memory=False,
+                      config_class="GteConfig", model_class="GteModel", candidates=("stock", "packed")),
+    # sentence-transformers' CrossEncoder on all-MiniLM-L6-v2 with a seeded, randomly initialised
+    # one-label sequence-classification head (a reranker's shape; scores, not hidden states, compared).
+    "minilm-reranker": Shape("minilm-reranker", None, ("rerank",), memory=False, reranker=True),
+    "minilm-lora": Shape("minilm-lora", None, ("text", "no-padding", "batch1"), memory=False, adapter=True,
+                         candidates=("stock", "packed")),
+    # MPNet's relative position bias is added per sequence by `packed` (fastpath cannot).
+    "mpnet-base": Shape("mpnet-base", {}, ("text", "no-padding", "batch1"), memory=False,
+                        config_class="MPNetConfig", model_class="MPNetModel",
+                        candidates=("stock", "packed"), attn_implementation="eager"),  # MPNet has no sdpa
+    # Their layers' own attention code on bins of whole sequences (binned).
+    "deberta-v3-base": Shape("deberta-v3-base", dict(relative_attention=True, position_buckets=256,
+                                                     max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
+                                                     norm_rel_ebd="layer_norm", share_att_key=True,
+                                                     max_position_embeddings=512, vocab_size=128100),
+                             ("text", "no-padding", "batch1"), memory=False, config_class="DebertaV2Config",
+                             model_class="DebertaV2Model", candidates=("stock", "packed"),
+                             attn_implementation="eager"),  # DeBERTa has no sdpa
+    "t5-base-encoder": Shape("t5-base-encoder", dict(vocab_size=32128), ("text", "no-padding", "batch1"),
+                             memory=False, config_class="T5Config", model_class="T5EncoderModel",
+                             candidates=("stock", "packed")),
+    "gte-small": Shape("gte-small", dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024,
+                                         num_hidden_layers=2), memory=False, config_class="GteConfig",
+                       model_class="GteModel", candidates=("stock", "packed")),
+    # Undocumented, for the smoke test: the real vocabulary (the text workload's token ids), tiny layers.
+    "tiny": Shape("tiny", dict(hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                               num_hidden_layers=2), public=False),
+}
+
+
+DEFAULT_SHAPES = ("bert-base", "minilm", "minilm-reranker", "modernbert-base", "gte-base", "minilm-lora", "mpnet-base",
+                  "deberta-v3-base", "t5-base-encoder")
+
+
+# --quick: every workload and every candidate, on light shapes (minutes, not an hour).
+QUICK_PLAN: dict[str, tuple[str, ...]] = {
+    "minilm": ("text", "no-padding", "batch1"), "bert-small": ("sweep",), "minilm-reranker": ("rerank",),
+    "minilm-lora": ("text",), "gte-small": ("text",),  # the layer-code path: an adapter, a rotary family
+}
+
+
+QUICK_REPEATS, DEFAULT_REPEATS = 3, 5
+
+
+# --quick times on one torch thread: on a machine busy with other work, every parallel region of a
+# multi-threaded forward waits for a descheduled thread, which slows millisecond-scale operations
+# up to a hundredfold (kernels made of many small operations most) and makes timings meaningless.
+QUICK_THREADS = 1
+
+
+@dataclass
+class Settings:
+    """What to run. `workloads=None` runs each shape's default workloads (or the quick plan)."""
+
+    shapes: tuple[str, ...] = DEFAULT_SHAPES
+    workloads: tuple[str, ...] | None = None
+    candidates: tuple[str, ...] = tuple(CANDIDATES)
+    repeats: int = DEFAULT_REPEATS
+    text_batches: int = 4
+    memory: bool = True
+    quick: bool = False
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    sweep_length: int = SWEEP_LENGTH
+
+    def plan(self) -> list[tuple[str, str]]:
+        """The (shape, workload) pairs to run, in order."""
+        pairs = []
+        for shape in self.shapes:
+            default = QUICK_PLAN.get(shape, SHAPES[shape].workloads) if self.quick else SHAPES[shape].workloads
+            pairs += [(shape, w) for w in WORKLOADS if w in (self.workloads or default) and SHAPES[shape].serves(w)]
+        return pairs
+
+
+def shape_candidates(shape: str, settings: Settings) -> list[str]:
+    """The selected candidates this shape runs (stock always first: the ratios need it)."""
+    return [name for name in settings.candidates if SHAPES[shape].runs(name)]
+
+
+def make_settings(shapes, workloads, candidates, repeats, quick, memory, text_batches, seed, threads=None) -> Settings:
+    """Validate the choices and fill in the defaults (`quick` changes shapes, repeats, text batches,
+    the sweep's length, memory and threads)."""
+    shapes = tuple(shapes or (QUICK_PLAN if quick else DEFAULT_SHAPES))
+    candidates = tuple(dict.fromkeys(["stock", *(candidates or CANDIDATES)]))  # stock is the reference
+    for kind, chosen, valid in (("shape", shapes, SHAPES), ("workload", workloads or (), WORKLOADS),
+                                ("candidate", candidates, CANDIDATES)):
+        unknown = [c for c in chosen if c not in valid]
+        if unknown:
+            public = [v for v in valid if kind != "shape" or SHAPES[v].public]
+            raise ValueError(f"unknown {kind} {', '.join(unknown)}; valid: {', '.join(public)}")
+    for workload in workloads or ():
+        if not any(SHAPES[shape].serves(workload) for shape in shapes):
+            serving = [name for name, shape in SHAPES.items() if shape.public and shape.serves(workload)]
+            raise ValueError(f"no chosen shape runs the {workload} workload; shapes that do: {', '.join(serving)}")
+    repeats = repeats or (QUICK_REPEATS if quick else DEFAULT_REPEATS)
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    memory = (not quick) if memory is None else memory
+    threads = threads or (QUICK_THREADS if quick else None)
+    return Settings(shapes, tuple(workloads) if workloads else None, candidates, repeats,
+                    text_batches or (1 if quick else 4), memory, quick, seed, threads,
+                    QUICK_SWEEP_LENGTH if quick else SWEEP_LENGTH)
