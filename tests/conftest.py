@@ -24,6 +24,14 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def hf_offline(monkeypatch):
+    """No hub access: every model comes from a local directory. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("hf_offline")`."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
 def pytest_collection_modifyitems(config, items):
     """A test parametrized with a `model_type` (or a `spec`) whose family this transformers version does not
     have (the registry skips it, `bt_plugin.loading.registry.absent_families`) is skipped with that

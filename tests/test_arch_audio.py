@@ -21,6 +21,8 @@ from bt_plugin.patches import audio
 from bt_plugin.spec import OPTIONAL_ROLES, ROLES, resolve_path
 from support import present
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ATOL = 1e-5
 LAYERS = 2
 VOCAB = 1000
@@ -72,16 +74,6 @@ def model_class(model_type: str, head: bool):
 
 def fastpath_serves(model_type: str) -> bool:
     return model_type != "whisper"  # Whisper's k_proj has no bias
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The inputs are tiny: one intra-op thread avoids OpenMP spinning on a busy 2-core machine
-    (measured: ~8x faster there). Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------

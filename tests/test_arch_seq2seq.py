@@ -19,6 +19,8 @@ from bt_plugin.loading import registry
 from bt_plugin.dispatch.layer import FusedLayer
 from bt_plugin.patches import seq2seq
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ATOL = 1e-5
 VOCAB = 1000
 ENCODER_LAYERS = 2
@@ -61,16 +63,6 @@ def make_config(model_type: str, **overrides):
 
 def model_class(model_type: str, head: bool):
     return getattr(transformers, FAMILIES[model_type][2 if head else 1])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The inputs are tiny: one intra-op thread avoids OpenMP spinning on a busy 2-core machine
-    (measured: ~8x faster there). Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ from bt_plugin.dispatch.layer import FusedLayer
 from bt_plugin.patches import text
 from bt_plugin.spec import OPTIONAL_ROLES, ROLES, resolve_path
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ATOL = 1e-5
 VOCAB = 1000
 KERNELS = ["packed", "fastpath"]
@@ -228,16 +230,6 @@ def _assert_unserved(model, model_type: str, kernel: str) -> None:
     assert report.layers and all(expected in (layer.reason or "") for layer in report.layers), str(report)
     with pytest.raises(ValueError, match="activation was"):
         bt_plugin.convert(model, kernel=kernel)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are small: one intra-op thread is faster, and on a shared, busy CPU several
-    threads oversubscribe it many times over. Both sides of every comparison run alike."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=KERNELS)

@@ -28,6 +28,8 @@ from bt_plugin.dispatch.layer import FusedLayer
 from bt_plugin.patches import vision
 from bt_plugin.spec import ROLES, OPTIONAL_ROLES, resolve_path, resolve_roles
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ATOL = 1e-5
 KERNELS = ["packed", "fastpath"]
 WIDTH = dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024, num_hidden_layers=3)
@@ -270,16 +272,6 @@ CASES: dict[str, Case] = {
 # --------------------------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster, and far steadier when other processes
-    share the cores (two spinning OpenMP threads on a busy 2-core machine cost 10-50x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _model_class(model_type: str, head: bool):

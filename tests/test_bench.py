@@ -14,13 +14,10 @@ from bt_plugin.tools import bench, cli, corpus
 from bt_plugin.tools.bench import cases as bench_cases, models as bench_models, report as bench_report
 from bt_plugin.tools.bench import results as bench_results, settings as bench_settings, timing as bench_timing
 
+pytestmark = pytest.mark.usefixtures("hf_offline")
+
 TINY = ["--shapes", "tiny", "--repeats", "1", "--text-batches", "1", "--threads", "1", "--no-progress"]
 ENGLISH = {"the", "a", "an", "of", "to", "is", "and", "in", "for", "if", "be", "this", "that", "with"}
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def test_corpus_is_deterministic_english_prose():

@@ -22,18 +22,12 @@ from support import max_diff_on_real, model_class, padded_batch, save_model
 
 import peft  # the test extra: a missing peft must fail, not skip
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ATOL = 1e-5
 LENGTHS = [7, 3, 5]  # right-padded to 8
 TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2)
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _pair(tmp_path, head: bool = False, **overrides):

@@ -15,23 +15,11 @@ import torch
 import bt_plugin
 import support
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "hf_offline")
+
 ATOL = 1e-5
 PAIRS = 64
 BATCH = 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two shared cores: keep torch on one thread for this module, then restore."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")

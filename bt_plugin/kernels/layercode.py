@@ -53,10 +53,9 @@ class LayerCodeState:
     _packed: dict = field(default_factory=dict)
 
 
-class LayerCodeKernel:
-    """Padding removed once; the layer's own code on `[1, T, E]`, attention per sequence."""
+class OwnCodeKernel:
+    """A kernel that runs the layer's own code (its modules do the math, on any device and dtype)."""
 
-    name = "layercode"
     runs_layer_code = True
     keeps_padded_rows = False
     right_padded_only = False
@@ -64,6 +63,12 @@ class LayerCodeKernel:
     def input_reason(self, hidden: torch.Tensor) -> str | None:
         """Any device and dtype: the layer's own modules do the math."""
         return None
+
+
+class LayerCodeKernel(OwnCodeKernel):
+    """Padding removed once; the layer's own code on `[1, T, E]`, attention per sequence."""
+
+    name = "layercode"
 
     @staticmethod
     def keep_mask(mask, batch: int, length: int) -> tuple[torch.Tensor | None, str | None]:
