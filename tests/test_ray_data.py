@@ -28,7 +28,6 @@ ray.init = functools.partial(ray.init, num_cpus=2, include_dashboard=False)
 """
 
 PROOF = """
-import os
 from pathlib import Path
 import numpy as np
 import recording
@@ -41,14 +40,8 @@ class RecordedEmbed(Embed):
     \"\"\"The README's actor, recording each batch it embeds (rendezvous: both actors take part).\"\"\"
 
     def __call__(self, batch: dict) -> dict:
-        directory = Path(RECORDS)
-        if not (directory / f"{os.getpid()}.ready").exists():
-            recording.rendezvous(directory, 2)
-        inner = self.model[0].auto_model
-        before = recording.layer_calls(inner)
-        batch = super().__call__(batch)
-        recording.record(directory, inner, before, len(batch["text"]))
-        return batch
+        return recording.recorded(Path(RECORDS), self.model[0].auto_model, len(batch["text"]),
+                                  lambda: super(RecordedEmbed, self).__call__(batch))
 
 
 proof = texts.map_batches(RecordedEmbed, compute=ray.data.ActorPoolStrategy(size=2), batch_size=32,
@@ -100,9 +93,6 @@ def test_readme_ray_data_job(stock, tmp_path):
         cosine = torch.nn.functional.cosine_similarity(torch.as_tensor(got).float(), expected.float(), dim=1)
         assert cosine.min().item() >= 0.99999, cosine.min().item()
 
-    from recording import read_records
+    import recording
 
-    batches = read_records(records)
-    assert len({r["pid"] for r in batches}) == 2, batches
-    assert sum(r["rows"] for r in batches) == TEXTS, batches
-    assert all(r["converted"] and r["fused"] > 0 and r["fallback"] == 0 for r in batches), batches
+    recording.assert_workers_ran_fused(recording.read_records(records), TEXTS)

@@ -56,13 +56,6 @@ def stock_embeddings(texts) -> torch.Tensor:
         torch.set_num_threads(threads)
 
 
-def assert_workers_ran_fused(records: list[dict], texts: int) -> None:
-    """Two worker processes took chunks; every chunk ran on a converted model, fused, never falling back."""
-    assert len({r["pid"] for r in records}) == 2, records
-    assert sum(r["rows"] for r in records) == texts, records
-    assert all(r["converted"] and r["fused"] > 0 and r["fallback"] == 0 for r in records), records
-
-
 def assert_same_embeddings(got: torch.Tensor, expected: torch.Tensor) -> None:
     assert got.shape == expected.shape
     cosine = torch.nn.functional.cosine_similarity(got.float(), expected.float(), dim=1)
@@ -100,7 +93,7 @@ def test_pool_started_under_the_environment_flag(texts, stock_embeddings, tmp_pa
     done = subprocess.run([sys.executable, str(script), MODEL_DIR, str(inputs), str(output)], env=env,
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert_workers_ran_fused(recording.read_records(records), len(texts))
+    recording.assert_workers_ran_fused(recording.read_records(records), len(texts))
     assert_same_embeddings(torch.load(output), stock_embeddings)
 
 
@@ -117,7 +110,7 @@ def test_pool_of_a_model_converted_in_enabled(texts, stock_embeddings, tmp_path,
         embeddings = model.encode(texts, pool=pool, batch_size=BATCH, convert_to_tensor=True)
     finally:
         model.stop_multi_process_pool(pool)
-    assert_workers_ran_fused(recording.read_records(tmp_path), len(texts))
+    recording.assert_workers_ran_fused(recording.read_records(tmp_path), len(texts))
     assert_same_embeddings(embeddings, stock_embeddings)
 
 

@@ -30,9 +30,10 @@ query, a paragraph's first sentence against 64 other real paragraphs, 32 pairs p
 queries as text batches; sentence-transformers sorts each call's pairs by length before batching;
 scores compared, the real-token share read from the masks the model received). By default every
 token workload runs on `bert-base`, all but the sweep on `minilm`, `modernbert-base`, `gte-base`,
-`minilm-lora` and `mpnet-base`, and rerank on `minilm-reranker`: about 37 minutes on an idle 2-core CPU. `--quick` runs `minilm` (text, no-padding, batch1), `bert-small` (sweep at 32 x 128),
-`minilm-lora` and `gte-small` (text), `minilm-reranker` (one rerank query) with 3 repetitions, no memory processes, on one torch thread
-(see QUICK_THREADS): about 2 minutes, also on a busy machine.
+`minilm-lora` and `mpnet-base`, and rerank on `minilm-reranker`: about 37 minutes on an idle
+2-core CPU. `--quick` runs `minilm` (text, no-padding, batch1), `bert-small` (sweep at 32 x 128),
+`minilm-lora` and `gte-small` (text), `minilm-reranker` (one rerank query) with 3 repetitions, no
+memory processes, on one torch thread (see QUICK_THREADS): about 2 minutes, also on a busy machine.
 
 Timing: each candidate runs once untimed (its output is compared with stock on real tokens),
 then each repetition runs every candidate once in a rotating order; the report gives the median

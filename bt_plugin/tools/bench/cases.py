@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bt_plugin.tools.bench.settings import RERANK_PASSAGES, SWEEP_BATCH, SWEEP_FRACTIONS, Settings, TEXT_BATCH, TEXT_MAX_LENGTH, WORKLOADS
+from bt_plugin.tools.bench.settings import (RERANK_PASSAGES, SWEEP_BATCH, SWEEP_FRACTIONS, TEXT_BATCH, TEXT_MAX_LENGTH,
+                                            WORKLOADS, Settings)
 
 
 @dataclass

@@ -10,7 +10,8 @@ from pathlib import Path
 from bt_plugin.tools.bench.report import README_END, README_START, _pyplot, plot_sweep, render_markdown, rewrite_readme
 from bt_plugin.tools.bench.results import BenchResults, FALLBACK_MESSAGE
 from bt_plugin.tools.bench.runner import run_settings
-from bt_plugin.tools.bench.settings import CANDIDATES, DEFAULT_REPEATS, DEFAULT_SHAPES, QUICK_REPEATS, QUICK_THREADS, SHAPES, Settings, WORKLOADS, make_settings
+from bt_plugin.tools.bench.settings import (CANDIDATES, DEFAULT_REPEATS, DEFAULT_SHAPES, QUICK_REPEATS, QUICK_THREADS,
+                                            SHAPES, WORKLOADS, Settings, make_settings)
 
 
 def build_parser() -> argparse.ArgumentParser:

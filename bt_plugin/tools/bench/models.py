@@ -44,7 +44,8 @@ def reranker_source(target: Path, seed: int) -> str:
         hf_logging.set_verbosity_error()  # the new head's "newly initialized" load report
         try:
             torch.manual_seed(seed)
-            AutoModelForSequenceClassification.from_pretrained(str(minilm_dir()), num_labels=1).save_pretrained(str(target))
+            model = AutoModelForSequenceClassification.from_pretrained(str(minilm_dir()), num_labels=1)
+            model.save_pretrained(str(target))
         finally:
             hf_logging.set_verbosity(verbosity)
         AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(str(target))

@@ -54,9 +54,11 @@ def render_cases(results: BenchResults) -> list[str]:
         repeated = f"; up to {passes} passes per timed run, ms per pass" if passes > 1 else ""
         busy = [c.others_cpu for c in cases if c.busy]
         busy = f"; busy: other processes used up to {max(busy):.0%} of the CPUs" if busy else ""
-        rates = [c.matmul_gflops for c in cases if c.matmul_gflops]
-        spread = f"{min(rates):.0f}" if rates and round(min(rates)) == round(max(rates)) else f"{min(rates or [0]):.0f}–{max(rates or [0]):.0f}"
-        limit = f"; matrix-multiply limit {spread} GFLOP/s" if rates else ""
+        rates = sorted({round(c.matmul_gflops) for c in cases if c.matmul_gflops})
+        limit = ""
+        if rates:
+            span = str(rates[0]) if len(rates) == 1 else f"{rates[0]}–{rates[-1]}"
+            limit = f"; matrix-multiply limit {span} GFLOP/s"
         title = f"**{shape} · {workload}** (batches x rows x padded length: {batches}{repeated}{limit}{busy})"
         rows = [_row_cells(case, row) for case in cases for row in case.rows]
         tables.append(title + "\n\n" + markdown_table(CASE_COLUMNS, rows))

@@ -1,4 +1,5 @@
-"""What a benchmark run runs: the candidates, the model shapes, the workloads, the plans (default and --quick) and their validation."""
+"""What a benchmark run runs: the candidates, the model shapes, the workloads, the plans (default
+and --quick) and their validation."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
-"""Timing: the untimed exactness check, the matrix-multiply limit, interleaved repetitions, the machine's other load."""
+"""Timing: the untimed exactness check, the matrix-multiply limit, interleaved repetitions, the
+machine's other load."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -32,17 +34,17 @@ def max_diff_on_real(outputs: list[torch.Tensor], reference: list[torch.Tensor],
     return max(diffs)
 
 
-def received_masks(model: nn.Module, run) -> list[torch.Tensor]:
-    """The attention masks `model`'s encoder received while `run()` ran (a CrossEncoder
-    tokenizes and pads its pairs itself, and calls its model's forward, not the module)."""
+@contextlib.contextmanager
+def received_masks(model: nn.Module):
+    """Yields the list of attention masks `model`'s encoder receives inside the block (a
+    CrossEncoder tokenizes and pads its pairs itself, and calls its model's forward, not the module)."""
     masks: list[torch.Tensor] = []
     hook = base_model(model).base_model.register_forward_pre_hook(
         lambda module, args, kwargs: masks.append(kwargs["attention_mask"]), with_kwargs=True)
     try:
-        run()
+        yield masks
     finally:
         hook.remove()
-    return masks
 
 
 def check_exactness(case: Case, models: dict[str, nn.Module], rows: dict[str, CandidateResult]) -> float:
@@ -50,13 +52,12 @@ def check_exactness(case: Case, models: dict[str, nn.Module], rows: dict[str, Ca
 
     Returns the milliseconds of stock's warm-up run.
     """
-    reference: list[torch.Tensor] = []
+    stock = models["stock"]
     start = time.perf_counter()
+    with received_masks(stock) if case.of_text else contextlib.nullcontext() as masks:
+        reference = [forward(stock, b) for b in case.batches]
     if case.of_text:
-        case.received_masks = received_masks(models["stock"], lambda: reference.extend(forward(models["stock"], b)
-                                                                                      for b in case.batches))
-    else:
-        reference = [forward(models["stock"], b) for b in case.batches]
+        case.received_masks = masks
     stock_ms = 1000 * (time.perf_counter() - start)
     for name, model in models.items():
         outputs = reference if name == "stock" else [forward(model, b) for b in case.batches]
@@ -84,8 +85,8 @@ def passes_per_run(case: Case, stock: nn.Module, warm_up_ms: float) -> int:
 
 def case_limit(case: Case, models: dict[str, nn.Module]) -> tuple[float | None, float | None]:
     """(GFLOP of the real tokens per pass over the case, this process's matrix-multiply GFLOP/s on
-    the case's shapes, measured now), see bt_plugin.tools.bench.limit; (None, None) without a fused candidate.
-    The layers are those a fused candidate converted, their linears stock's (the same weights)."""
+    the case's shapes, measured now), see bt_plugin.tools.bench.limit; (None, None) without a
+    fused candidate. The layers are those a fused candidate converted, their linears stock's."""
     import bt_plugin
     from bt_plugin.tools.bench import limit
 
@@ -95,7 +96,8 @@ def case_limit(case: Case, models: dict[str, nn.Module]) -> tuple[float | None, 
     model = base_model(models["stock"])
     paths = [layer.path for layer in bt_plugin.explain(base_model(fused[0])).layers]
     lengths = [int(n) for mask in case.masks for n in mask.sum(dim=1)]
-    work = limit.real_flops(limit.encoder_linears(model, paths), lengths, limit.attention_width(model.config), len(paths))
+    work = limit.real_flops(limit.encoder_linears(model, paths), lengths, limit.attention_width(model.config),
+                            len(paths))
     rate = limit.matmul_rate(limit.encoder_linears(model, paths[:1]), [int(mask.sum()) for mask in case.masks])
     return work / 1e9, rate / 1e9
 
