@@ -64,8 +64,9 @@ BERT_LAYOUT = EncoderSpec(
     ),
     **BERT_LAYER_PATHS,
     # DPR's encoders embed the first token; its reader scores spans over every position.
+    # AltCLIP's text tower has no pooler module: its pooled output is the first position, projected.
     head_reads=(("DPRReader", "every"), ("DPRContextEncoder", "first"), ("DPRQuestionEncoder", "first"),
-                *TEXT_HEAD_READS),
+                ("AltCLIPTextModel", "first"), *TEXT_HEAD_READS),
     config_checks=(ENCODER_ONLY,),
     attention_interface=">=5.0",
 )

@@ -9,7 +9,9 @@ What a family's task heads read is per-architecture data: a spec's `head_reads` 
 suffixes (transformers names heads `<Arch>For<Task>`) to `"every"` or `"first"` position (see
 `patches/`). The one rule kept here is transformers' own convention that a submodule named
 `pooler` reads the first position; a spec with `reads_padding` (SigLIP text pools the last
-position) reads every position whatever the head.
+position) reads every position whatever the head. The other is that an encoder-decoder's decoder
+cross-attends the encoder output under the encoder's mask: on a row with no real token every
+key is masked, and stock's attention there reads the padded positions all the same.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 EVERY_POSITION = "every"
 FIRST_POSITION = "first"
+EMPTY_ROWS = "empty rows"  # every position of a row that has no real token
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class PaddedReads:
         """Whether a call with this `(B, L)` key-padding mask must compute padded rows as stock."""
         if self.where == EVERY_POSITION:
             return True
+        if self.where == EMPTY_ROWS:
+            return not bool(keep.any(dim=1).all())
         return self.where == FIRST_POSITION and not bool(keep[:, 0].all())
 
     def describe(self) -> str:
@@ -40,6 +45,8 @@ class PaddedReads:
             return f"computed as stock ({self.why})"
         if self.where == FIRST_POSITION:
             return f"zeros, except computed as stock when a row's first position is padding ({self.why})"
+        if self.where == EMPTY_ROWS:
+            return f"zeros, except computed as stock when a row has no real token ({self.why})"
         return "zeros (nothing in the model reads them without the attention mask)"
 
 
@@ -56,4 +63,6 @@ def padded_reads(model: nn.Module, spec=None) -> PaddedReads:
     pooler = next((path for path, module in model.named_modules() if path.rpartition(".")[2] == "pooler"), None)
     if pooler is not None:
         return PaddedReads(FIRST_POSITION, f"{name}.{pooler} reads the first position")
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return PaddedReads(EMPTY_ROWS, f"{name}'s decoder cross-attends every position of a row with no real token")
     return PaddedReads(None)

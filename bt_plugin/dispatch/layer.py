@@ -410,12 +410,22 @@ def _eligible(layer, hidden, named: dict, mask):
         padded_rows_read = reason is None and reads.computes_padded_rows(keep)
         if padded_rows_read and kernel is FASTPATH:
             reason = f"padded positions are read ({reads.why}); {kernel.name} drops them (packed computes them)"
-        if reason is None and padded_rows_read and isinstance(mask, torch.Tensor) and mask.is_floating_point() \
-                and not bool(keep.any(dim=1).all()):
-            # under an additive mask (transformers 4.x) stock attends uniformly to every key there
-            reason = (f"padded positions are read ({reads.why}) and a row had no real token under an "
-                      "additive mask")
+        if reason is None and padded_rows_read and not _runs_own_code(kernel) and not bool(keep.any(dim=1).all()):
+            reason = _empty_row_reason(mask, reads)
     return kernel, note, keep, reason
+
+
+def _empty_row_reason(mask, reads: PaddedReads) -> str | None:
+    """Why a fused kernel cannot compute, as stock does, the padded rows of a row with no real
+    token, or None. Under an sdpa boolean mask stock's attention there is torch's (the kernel's
+    own); under an additive mask (eager, transformers 4.x) stock attends uniformly to every key,
+    and a legacy layer's own attention code does what it does with its key-padding mask."""
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4:
+        return None
+    if isinstance(mask, torch.Tensor) and mask.is_floating_point():
+        return f"padded positions are read ({reads.why}) and a row had no real token under an additive mask"
+    return (f"padded positions are read ({reads.why}) and a row had no real token under the layer's own "
+            "key-padding mask (its own attention code decides what such a row attends)")
 
 
 def padded_reads_of(layer) -> PaddedReads:

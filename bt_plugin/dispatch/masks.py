@@ -62,8 +62,12 @@ def _as_keep(rows: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
 
 
 def padding_reason(keep: torch.Tensor, *, right_padded_only: bool) -> str | None:
-    """Reasons a right-padding-only kernel (fastpath) cannot use `keep`: a row without real
-    tokens, or padding on the left or in gaps. The packed kernel takes any key-padding mask."""
+    """Reasons a kernel cannot use `keep`: no real token in the whole batch (nothing to compute
+    padding-free; stock's output there is all padding), and for a right-padding-only kernel
+    (fastpath) a row without real tokens, or padding on the left or in gaps. The packed and
+    own-code kernels take any other key-padding mask."""
+    if not bool(keep.any()):
+        return "no row of the attention mask had a real token (nothing to compute padding-free)"
     if not right_padded_only:
         return None
     if bool((keep.sum(dim=1) == 0).any()):

@@ -1,12 +1,15 @@
 """The `binned` path: a layer's own stock code on bins of whole sequences, for layers whose
 attention is their own eager code (DeBERTa's disentangled attention).
 
-The real tokens of a `(B, L)` batch are packed, whole sequences at a time, into as few rows of
-the same length `L` as first-fit allows (bins); each bin gets a block-diagonal mask, so a token
-attends exactly to the real tokens of its own sequence. Everything the layer computes from
-positions for length `L` (DeBERTa's log-bucketed relative positions) depends on i - j only, so
-within a sequence it is unchanged by where the sequence sits in its bin. The layer runs its stock
-code, every module as the user has it, on `(bins, L, E)` instead of `(B, L, E)`.
+Each sequence's span (its first real token to its last, holes included) is copied whole into
+as few rows of the same length `L` as first-fit allows (bins); each bin gets a block-diagonal
+mask, so a token attends exactly to the real tokens of its own sequence (a hole inside the span
+is masked as a key, as stock masks it). Everything the layer computes from positions for length
+`L` (DeBERTa's log-bucketed relative positions, T5's bucketed bias) depends on i - j only, and a
+span keeps every i - j of its sequence, so within a sequence it is unchanged by where the span
+sits in its bin. (Packing only the real tokens side by side would shrink the distance across a
+hole: wrong output on masks with holes.) The layer runs its stock code, every module as the
+user has it, on `(bins, L, E)` instead of `(B, L, E)`.
 
 Fewer rows than the batch means less work: with 25 % real tokens about a quarter of the rows.
 Unlike `packed`, attention still spans a whole bin (masked), so it saves less on attention.
@@ -29,10 +32,24 @@ class BinState:
     batch: int
     length: int
     bins: int
-    src: torch.Tensor  # flat positions in B * L
+    src: torch.Tensor  # flat positions in B * L of every slot of every span (holes included)
     dst: torch.Tensor  # flat positions in bins * L, same order
     segment: torch.Tensor  # (bins, L): index of the sequence at each slot, -1 for bin padding
+    real: torch.Tensor  # (bins, L): the slot holds a real token (not bin padding, not a hole)
+    real_src: torch.Tensor  # the real tokens' entries of `src`
+    real_dst: torch.Tensor  # and of `dst`
     _masks: dict
+
+
+def spans(keep: torch.Tensor) -> tuple[list[int], list[int]]:
+    """Per row of a `(B, L)` keep mask: where its first real token is, and how many slots there are
+    from it to its last real token (0 for a row with none)."""
+    length = keep.size(1)
+    any_real = keep.any(dim=1)
+    first = keep.int().argmax(dim=1)
+    last = length - 1 - keep.flip(1).int().argmax(dim=1)
+    widths = torch.where(any_real, last - first + 1, torch.zeros_like(first))
+    return first.tolist(), widths.tolist()
 
 
 def first_fit(counts: list[int], capacity: int) -> list[list[int]]:
@@ -58,29 +75,37 @@ class BinnedKernel(OwnCodeKernel):
 
     def pack(self, hidden: torch.Tensor, keep: torch.Tensor):
         batch, length, embed = hidden.shape
-        counts = keep.sum(dim=1).tolist()
-        groups = first_fit(counts, length)
-        src, dst, segment = [], [], torch.full((max(len(groups), 1), length), -1, dtype=torch.long)
+        starts, widths = spans(keep)
+        groups = first_fit(widths, length)
+        bins = max(len(groups), 1)
+        src, dst = [], []
+        segment = torch.full((bins, length), -1, dtype=torch.long)
+        real = torch.zeros(bins, length, dtype=torch.bool)
+        keep_cpu = keep.cpu()
         for bin_index, rows in enumerate(groups):
             offset = 0
             for row in rows:
-                positions = keep[row].nonzero().squeeze(1)
-                src.append(row * length + positions)
-                dst.append(bin_index * length + offset + torch.arange(counts[row]))
-                segment[bin_index, offset:offset + counts[row]] = row
-                offset += counts[row]
-        src = torch.cat(src).to(hidden.device) if src else torch.zeros(0, dtype=torch.long, device=hidden.device)
-        dst = torch.cat(dst).to(hidden.device) if dst else torch.zeros(0, dtype=torch.long, device=hidden.device)
-        bins = segment.shape[0]
+                start, width = starts[row], widths[row]
+                src.append(row * length + start + torch.arange(width))
+                dst.append(bin_index * length + offset + torch.arange(width))
+                segment[bin_index, offset:offset + width] = row
+                real[bin_index, offset:offset + width] = keep_cpu[row, start:start + width]
+                offset += width
+        empty = torch.zeros(0, dtype=torch.long)
+        src = (torch.cat(src) if src else empty).to(hidden.device)
+        dst = (torch.cat(dst) if dst else empty).to(hidden.device)
         carrier = hidden.new_zeros(bins * length, embed)
         carrier.index_copy_(0, dst, hidden.reshape(batch * length, embed).index_select(0, src))
-        state = BinState(batch, length, bins, src, dst, segment.to(hidden.device), {})
+        is_real = keep.reshape(-1).index_select(0, src)
+        state = BinState(batch, length, bins, src, dst, segment.to(hidden.device), real.to(hidden.device),
+                         src[is_real], dst[is_real], {})
         return carrier.view(bins, length, embed), state
 
     def unpack(self, carrier: torch.Tensor, state: BinState) -> torch.Tensor:
+        """`(B, L, E)` with each real token back in place and zeros elsewhere (holes included)."""
         embed = carrier.size(-1)
         out = carrier.new_zeros(state.batch * state.length, embed)
-        out.index_copy_(0, state.src, carrier.reshape(-1, embed).index_select(0, state.dst))
+        out.index_copy_(0, state.real_src, carrier.reshape(-1, embed).index_select(0, state.real_dst))
         return out.view(state.batch, state.length, embed)
 
     def bin_mask(self, mask: torch.Tensor, state: BinState) -> tuple[torch.Tensor | None, str | None]:
@@ -95,7 +120,8 @@ class BinnedKernel(OwnCodeKernel):
         if reason or attend is None:
             return None, reason or "no attention mask to restrict"
         seg = state.segment
-        same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
+        # a slot attends the real tokens of its own sequence (a hole is masked as a key)
+        same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0) & state.real[:, None, :]
         # a bin's padding slots attend to themselves only: never NaN, never attended by real tokens
         same |= torch.eye(state.length, dtype=torch.bool, device=seg.device) & (seg[:, :, None] < 0)
         if not bool(attend.all()):
