@@ -3,8 +3,9 @@
 `python3 .ci/matrix.py versions`: the pinned releases of TESTED_TRANSFORMERS other than the newest
 (the README's test command installs the newest and runs the whole suite there).
 `python3 .ci/matrix.py tests`: the test modules run on each of them: the core behaviour (enable,
-enabled, disable, zero code, lifecycle, training, the Trainer, save/load, fallback reasons, explain) and parity
-for every registered family present in that version.
+enabled, disable, zero code, lifecycle, training, the Trainer, save/load, fallback reasons, explain), parity
+for every registered family present in that version, and the property tests over every family (masks of
+every kind: 4.x hands layers other mask formats).
 """
 
 import ast
@@ -18,6 +19,7 @@ MATRIX_TESTS = [
     "tests/test_arch_text.py", "tests/test_arch_vision.py", "tests/test_arch_audio.py",
     "tests/test_arch_seq2seq.py", "tests/test_arch_fsmt.py", "tests/test_arch_relative.py",
     "tests/test_arch_rotary.py", "tests/test_trainer.py",
+    "tests/test_fuzz_families.py", "tests/test_mask_edge_cases.py",
 ]
 
 

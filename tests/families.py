@@ -76,9 +76,16 @@ def _sizes(config) -> dict:
 def example_config(model_type: str, family: str | None = None):
     """transformers' config for `model_type` built small (its own `__init__` derives what depends
     on the sizes), with `OVERRIDES` (and the `FAMILY_OVERRIDES` of `family`)."""
+    values = {**OVERRIDES.get(model_type, {}), **FAMILY_OVERRIDES.get(family, {})}
+    stem, _, tower = model_type.rpartition("_")[0].rpartition("_")
+    if model_type not in transformers.CONFIG_MAPPING and model_type.endswith("_model") and tower in ("text", "vision"):
+        # a tower's own model type that this transformers does not register (4.x): the tower's
+        # config inside its two-tower model's config
+        parent = example_config(stem)
+        config = type(getattr(parent, f"{tower}_config"))
+        return config(**{**getattr(parent, f"{tower}_config").to_dict(), **values})
     defaults = transformers.AutoConfig.for_model(model_type)
-    values = {**_sizes(defaults), **OVERRIDES.get(model_type, {}), **FAMILY_OVERRIDES.get(family, {})}
-    return transformers.AutoConfig.for_model(model_type, **values)
+    return transformers.AutoConfig.for_model(model_type, **{**_sizes(defaults), **values})
 
 
 def model_classes(config) -> dict[str, type]:
@@ -181,7 +188,8 @@ def example_inputs(model, kind: str, lengths: list[int], width: int, seed: int) 
             inputs["input_features"] = torch.randn(batch, frames, features, generator=generator)
             inputs["attention_mask"] = mask
     elif "input_ids" in names:
-        vocab = getattr(getattr(config, "text_config", None) or config, "vocab_size")
+        text = getattr(config, "text_config", None) or config
+        vocab = getattr(text, "vocab_size", None) or text.src_vocab_size  # FSMT's in 4.x
         inputs["input_ids"] = torch.randint(5, vocab, (batch, width), generator=generator)
         mask = text_mask(kind, lengths, width, generator)
         inputs["attention_mask"] = mask
@@ -195,6 +203,7 @@ def example_inputs(model, kind: str, lengths: list[int], width: int, seed: int) 
     if is_seq2seq(model) and "decoder_input_ids" in names:
         start = getattr(config, "decoder_start_token_id", None) or 0
         inputs["decoder_input_ids"] = torch.full((batch, 3), start, dtype=torch.long)
+        inputs["use_cache"] = False  # the cache holds cross-attention keys of every encoder position
     return inputs, mask
 
 
