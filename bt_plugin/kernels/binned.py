@@ -80,8 +80,6 @@ class BinnedKernel(OwnCodeKernel):
         bins = max(len(groups), 1)
         src, dst = [], []
         segment = torch.full((bins, length), -1, dtype=torch.long)
-        real = torch.zeros(bins, length, dtype=torch.bool)
-        keep_cpu = keep.cpu()
         for bin_index, rows in enumerate(groups):
             offset = 0
             for row in rows:
@@ -89,7 +87,6 @@ class BinnedKernel(OwnCodeKernel):
                 src.append(row * length + start + torch.arange(width))
                 dst.append(bin_index * length + offset + torch.arange(width))
                 segment[bin_index, offset:offset + width] = row
-                real[bin_index, offset:offset + width] = keep_cpu[row, start:start + width]
                 offset += width
         empty = torch.zeros(0, dtype=torch.long)
         src = (torch.cat(src) if src else empty).to(hidden.device)
@@ -97,8 +94,10 @@ class BinnedKernel(OwnCodeKernel):
         carrier = hidden.new_zeros(bins * length, embed)
         carrier.index_copy_(0, dst, hidden.reshape(batch * length, embed).index_select(0, src))
         is_real = keep.reshape(-1).index_select(0, src)
-        state = BinState(batch, length, bins, src, dst, segment.to(hidden.device), real.to(hidden.device),
-                         src[is_real], dst[is_real], {})
+        real_src, real_dst = src[is_real], dst[is_real]
+        real = torch.zeros(bins * length, dtype=torch.bool, device=hidden.device).index_fill_(0, real_dst, True)
+        state = BinState(batch, length, bins, src, dst, segment.to(hidden.device), real.view(bins, length),
+                         real_src, real_dst, {})
         return carrier.view(bins, length, embed), state
 
     def unpack(self, carrier: torch.Tensor, state: BinState) -> torch.Tensor:
