@@ -405,7 +405,8 @@ def _eligible(layer, hidden, named: dict, mask):
     else:
         keep, reason = key_padding_mask(mask, hidden.size(0), hidden.size(1))
     if reason is None and keep is not None:
-        reason = padding_reason(keep, right_padded_only=kernel.right_padded_only)
+        reason = padding_reason(keep, right_padded_only=kernel.right_padded_only,
+                                needs_a_real_token=getattr(kernel, "needs_a_real_token", False))
         reads = padded_reads_of(layer)
         padded_rows_read = reason is None and reads.computes_padded_rows(keep)
         if padded_rows_read and kernel is FASTPATH:

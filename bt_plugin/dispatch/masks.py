@@ -61,12 +61,13 @@ def _as_keep(rows: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
     return rows.bool(), None
 
 
-def padding_reason(keep: torch.Tensor, *, right_padded_only: bool) -> str | None:
-    """Reasons a kernel cannot use `keep`: no real token in the whole batch (nothing to compute
-    padding-free; stock's output there is all padding), and for a right-padding-only kernel
-    (fastpath) a row without real tokens, or padding on the left or in gaps. The packed and
-    own-code kernels take any other key-padding mask."""
-    if not bool(keep.any()):
+def padding_reason(keep: torch.Tensor, *, right_padded_only: bool, needs_a_real_token: bool = False) -> str | None:
+    """Reasons a kernel cannot use `keep`: for a kernel that runs the layer's own code on the
+    real tokens (`needs_a_real_token`), no real token in the whole batch (its modules cannot
+    take zero tokens; stock's output there is all padding); for a right-padding-only kernel
+    (fastpath) a row without real tokens, or padding on the left or in gaps. The packed kernel
+    takes any key-padding mask."""
+    if needs_a_real_token and not bool(keep.any()):
         return "no row of the attention mask had a real token (nothing to compute padding-free)"
     if not right_padded_only:
         return None

@@ -59,6 +59,7 @@ class OwnCodeKernel:
     runs_layer_code = True
     keeps_padded_rows = False
     right_padded_only = False
+    needs_a_real_token = True  # the layer's own modules reshape by the token count
 
     def input_reason(self, hidden: torch.Tensor) -> str | None:
         """Any device and dtype: the layer's own modules do the math."""
