@@ -102,10 +102,12 @@ def layer_code_reason(spec: EncoderSpec) -> str | None:
 def kernel_reason(layer: nn.Module, spec: EncoderSpec, kernel, roles: dict | None = None) -> str | None:
     """Why `kernel` can never serve this layer's structure (activation, heads, eps, biases)."""
     if getattr(kernel, "runs_layer_code", False):
+        # a spec that declares no attention interface (MPNet's score bias) cannot run it at all; one
+        # declared for some versions is checked on its first call (the layer must call the interface)
         if not (spec.attention_interface or spec.binned):
             return (f"{spec.name} layers compute attention with their own code ({kernel.name} runs a layer's "
                     "code with attention through transformers' attention interface)")
-        return layer_code_reason(spec)
+        return None
     roles = roles if roles is not None else resolve_roles(layer, spec)
     return kernel.static_reason(
         activation=activation_name(roles["activation"]),
