@@ -13,6 +13,7 @@ import warnings
 
 FLAG = "BT_PLUGIN"
 KERNEL_FLAG = "BT_PLUGIN_KERNEL"
+PRECISION_FLAG = "BT_PLUGIN_PRECISION"
 TARGET_MODULE = "transformers.modeling_utils"
 TRUE_VALUES = ("1", "true", "yes", "on")
 FALSE_VALUES = ("", "0", "false", "no", "off")
@@ -61,11 +62,13 @@ def main() -> None:
 
 
 def activate() -> None:
-    """Enable the plugin from the environment (kernel from BT_PLUGIN_KERNEL)."""
+    """Enable the plugin from the environment (kernel from BT_PLUGIN_KERNEL, precision from
+    BT_PLUGIN_PRECISION)."""
     try:
         from bt_plugin.loading.patching import enable
 
-        enable(kernel=os.environ.get(KERNEL_FLAG, "auto").strip() or "auto", _source="env")
+        enable(kernel=os.environ.get(KERNEL_FLAG, "auto").strip() or "auto",
+               precision=os.environ.get(PRECISION_FLAG, "fp32").strip().lower() or "fp32", _source="env")
     except Exception as error:
         _warn_failure(error)
 

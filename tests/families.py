@@ -222,3 +222,37 @@ def feature_mask(model, output_length: int, mask: torch.Tensor) -> torch.Tensor:
                 lengths = lengths // squeeze
             return (torch.arange(output_length)[None, :] < lengths[:, None]).long()
     raise AssertionError(f"{type(model).__name__} has no _get_feat_extract_output_lengths")
+
+
+def output_tensors(output, name: str = "output"):
+    """`(name, tensor)` for every floating tensor in a model output, nested outputs included."""
+    if isinstance(output, torch.Tensor):
+        if output.is_floating_point():
+            yield name, output
+    elif isinstance(output, dict):
+        for key, value in output.items():
+            yield from output_tensors(value, f"{name}.{key}")
+    elif isinstance(output, (tuple, list)):
+        for index, value in enumerate(output):
+            yield from output_tensors(value, f"{name}[{index}]")
+
+
+def read_positions(model, inputs: dict, mask, name: str, tensor: torch.Tensor, every: bool):
+    """The `(B, L)` positions of `tensor` the model or its user reads (None: all of it): the real
+    tokens of a per-position output, unless the model computes padded positions as stock. A
+    two-tower model's vision outputs go by the vision tower's own mask (or have no padding); an
+    encoder-decoder's decoder outputs are read everywhere."""
+    if is_seq2seq(model) and "encoder" not in name:
+        return None
+    if any(word in name for word in ("vision", "image")):
+        mask = inputs.get("pixel_attention_mask")
+    elif mask is None:
+        mask = inputs.get("pixel_attention_mask")
+    if mask is None or every or tensor.dim() < 2:
+        return None
+    audio = "input_values" in inputs or "input_features" in inputs
+    if audio and tensor.dim() >= 3 and tensor.shape[0] == mask.shape[0]:
+        return feature_mask(model, tensor.shape[1], mask).bool()
+    if not audio and tuple(tensor.shape[:2]) == tuple(mask.shape):
+        return mask.bool()
+    return None

@@ -63,40 +63,6 @@ def models():
     return get
 
 
-def _tensors(output, name: str = "output"):
-    """`(name, tensor)` for every floating tensor in a model output, nested outputs included."""
-    if isinstance(output, torch.Tensor):
-        if output.is_floating_point():
-            yield name, output
-    elif isinstance(output, dict):
-        for key, value in output.items():
-            yield from _tensors(value, f"{name}.{key}")
-    elif isinstance(output, (tuple, list)):
-        for index, value in enumerate(output):
-            yield from _tensors(value, f"{name}[{index}]")
-
-
-def _read_positions(model, inputs: dict, mask, name: str, tensor: torch.Tensor, every: bool):
-    """The `(B, L)` positions of `tensor` the model or its user reads (None: all of it): the real
-    tokens of a per-position output, unless the model computes padded positions as stock. A
-    two-tower model's vision outputs go by the vision tower's own mask (or have no padding); an
-    encoder-decoder's decoder outputs are read everywhere."""
-    if families.is_seq2seq(model) and "encoder" not in name:
-        return None
-    if any(word in name for word in ("vision", "image")):
-        mask = inputs.get("pixel_attention_mask")
-    elif mask is None:
-        mask = inputs.get("pixel_attention_mask")
-    if mask is None or every or tensor.dim() < 2:
-        return None
-    audio = "input_values" in inputs or "input_features" in inputs
-    if audio and tensor.dim() >= 3 and tensor.shape[0] == mask.shape[0]:
-        return families.feature_mask(model, tensor.shape[1], mask).bool()
-    if not audio and tuple(tensor.shape[:2]) == tuple(mask.shape):
-        return mask.bool()
-    return None
-
-
 @st.composite
 def cases(draw, family: str):
     spec = registry.all_specs()[family]
@@ -141,12 +107,12 @@ def test_every_family_equals_stock_or_falls_back_with_a_reason(family, models, d
         got = converted(**inputs)
     report = bt_plugin.explain(converted)
     every = (report.padded_positions or "").startswith("computed as stock")
-    wanted, gotten = dict(_tensors(want)), dict(_tensors(got))
+    wanted, gotten = dict(families.output_tensors(want)), dict(families.output_tensors(got))
     assert wanted.keys() == gotten.keys()
     for name, expected in wanted.items():
         actual = gotten[name]
         assert actual.shape == expected.shape, name
-        read = _read_positions(stock, inputs, mask, name, expected, every)
+        read = families.read_positions(stock, inputs, mask, name, expected, every)
         if read is not None:
             expected, actual = expected[read], actual[read]
         if expected.numel():  # NaN where stock gives NaN (a row with no real token, both run stock)

@@ -131,7 +131,7 @@ def _default_scale(roles: dict) -> bool:
 
 
 def call_reason(hidden, named: dict, mask_name: str = "attention_mask", handled: tuple[str, ...] = ()) -> str | None:
-    """Reasons that hold for every layer of this call: recording, grad inputs, autocast, tracing.
+    """Reasons that hold for every layer of this call: recording, grad inputs, tracing.
 
     `named`: the call's arguments after the hidden states, by name (`bt_plugin.dispatch.calls.bind`);
     `handled`: the ones the layer's spec says its path handles (besides the mask).
@@ -147,8 +147,6 @@ def call_reason(hidden, named: dict, mask_name: str = "attention_mask", handled:
         return f"the call recorded {', '.join(sorted(recorded))} (output_attentions=True)"
     if hidden.dim() != 3:
         return f"hidden states had {hidden.dim()} dimensions, expected 3"
-    if torch.is_autocast_enabled(hidden.device.type):
-        return f"autocast was enabled on {hidden.device.type}"
     for name, value in named.items():
         if name in HARMLESS_KWARGS or name == mask_name or name in handled or value is None or value is False:
             continue
@@ -185,7 +183,9 @@ def fused_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor, kern
     if reason:
         return reason
     weight = roles["out_proj"].weight
-    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+    # under autocast stock's ops cast weights and hidden states alike, and so do the kernel's
+    mixed = weight.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type)
+    if mixed or weight.device != hidden.device:
         return f"weights were {weight.dtype} on {weight.device}, hidden states {hidden.dtype} on {hidden.device}"
     return kernel_reason(layer, spec, kernel, roles)
 

@@ -28,6 +28,7 @@ from bt_plugin.dispatch.calls import bind, mask_name, returned_items
 from bt_plugin.kernels import KERNELS, LayerTensors, get_kernel
 from bt_plugin.kernels.layercode import LAYER_CODE, run_layer
 from bt_plugin.dispatch.masks import key_padding_mask, padding_reason
+from bt_plugin.precision import compute_dtype, computing_in, precision_label
 from bt_plugin.spec import EncoderSpec, resolve_roles
 from bt_plugin.dispatch.stack import live_layers, running_frame
 
@@ -45,6 +46,7 @@ class LayerStats:
     reasons: Counter = field(default_factory=Counter)
     last_kernel: str | None = None  # the kernel of the latest padding-free call
     last_note: str | None = None  # why that call ran the layer's own code, not a fused kernel
+    last_precision: str | None = None  # what the latest call computed in ("bf16 (autocast)", "fp32")
 
     def fused(self, kernel: str | None = None, note: str | None = None) -> None:
         self.fused_calls += 1
@@ -64,7 +66,25 @@ class FusedLayer:
     _bt_spec: EncoderSpec
 
     def forward(self, hidden_states, *args, **kwargs):
-        return _dispatch(self, hidden_states, args, kwargs)
+        refused = self.__dict__.get("_bt_precision_reason")
+        dtype = None if refused else compute_dtype(self.__dict__.get("_bt_precision"), hidden_states, self)
+        if dtype is not None:
+            frame = running_frame(self)
+            saved = None if frame is None else (frame.carrier, frame.state, frame.kernel)
+            try:
+                with computing_in(dtype, hidden_states.device.type):
+                    out = _dispatch(self, hidden_states, args, kwargs)
+                    _stats(self).last_precision = precision_label(hidden_states)
+                return _in_dtype(self, out, hidden_states.dtype)
+            except RuntimeError as error:  # the layer's own code cannot run under autocast: as loaded
+                refused = self.__dict__["_bt_precision_reason"] = (
+                    f"its code raised under autocast {str(dtype).replace('torch.', '')}: {error}")
+                if frame is not None:
+                    frame.carrier, frame.state, frame.kernel = saved
+        out = _dispatch(self, hidden_states, args, kwargs)
+        label = precision_label(hidden_states)
+        _stats(self).last_precision = f"{label} ({refused})" if refused and label else label
+        return out
 
     def __reduce_ex__(self, protocol):
         # The class is made at run time: rebuild it from the stock class so pickle and deepcopy
@@ -73,6 +93,19 @@ class FusedLayer:
         unfuse_qkv(self)
         state = dict(self.__dict__)
         return (_rebuild, (self._bt_stock_class, self._bt_spec.name, self._bt_spec.layout), state)
+
+
+def _in_dtype(layer, out, dtype: torch.dtype):
+    """A layer's unpacked output in the dtype its input came in (what follows the encoder layers
+    reads the dtype it was loaded in); a packed carrier handed to the next layer stays as it is."""
+    hidden = out[0] if isinstance(out, tuple) else out
+    if not isinstance(hidden, torch.Tensor) or hidden.dtype == dtype or not hidden.is_floating_point():
+        return out
+    frame = running_frame(layer)
+    if frame is not None and frame.carrier is hidden:
+        return out
+    hidden = hidden.to(dtype)
+    return (hidden,) + tuple(out[1:]) if isinstance(out, tuple) else hidden
 
 
 class _TensorName:
@@ -265,7 +298,7 @@ def _returned(layer, hidden: torch.Tensor, packed: bool = False, tail: tuple | N
 
 def _kernel_for(layer, hidden):
     device = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
-    return get_kernel(layer.__dict__.get("_bt_kernel", "auto"), device)
+    return get_kernel(layer.__dict__.get("_bt_kernel", "auto"), device, torch.is_autocast_enabled(device))
 
 
 def _own_code_kernel(spec: EncoderSpec):

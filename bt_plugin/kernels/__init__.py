@@ -26,6 +26,9 @@ KERNELS = {"fastpath": FastpathKernel(), "packed": PackedKernel(), "layercode": 
 # fused C++ kernel loses much of its gain to nested-tensor conversions there). CUDA: fastpath,
 # the published BetterTransformer path, until a GPU measurement says otherwise.
 AUTO_KERNEL = {"cpu": "packed", "cuda": "fastpath"}
+# ... and under torch.autocast (a user's, or precision="bf16"): the fused C++ kernel computes in
+# its weights' dtype, so packed, whose ops autocast casts as it casts stock's.
+AUTO_KERNEL_UNDER_AUTOCAST = {"cpu": "packed", "cuda": "packed"}
 KERNEL_CHOICES = ("auto", *KERNELS)
 
 
@@ -36,12 +39,15 @@ def check_kernel_name(name: str) -> str:
     return name
 
 
-def resolve_kernel_name(name: str, device_type: str) -> str:
-    """The concrete kernel for a choice on a device (`auto` looks up AUTO_KERNEL)."""
+def resolve_kernel_name(name: str, device_type: str, autocast: bool = False) -> str:
+    """The concrete kernel for a choice on a device (`auto` looks up AUTO_KERNEL, or
+    AUTO_KERNEL_UNDER_AUTOCAST while autocast is enabled there)."""
     check_kernel_name(name)
-    return AUTO_KERNEL.get(device_type, "packed") if name == "auto" else name
+    if name != "auto":
+        return name
+    return (AUTO_KERNEL_UNDER_AUTOCAST if autocast else AUTO_KERNEL).get(device_type, "packed")
 
 
-def get_kernel(name: str, device_type: str = "cpu"):
-    """The kernel for a choice (`auto` resolved for `device_type`)."""
-    return KERNELS[resolve_kernel_name(name, device_type)]
+def get_kernel(name: str, device_type: str = "cpu", autocast: bool = False):
+    """The kernel for a choice (`auto` resolved for `device_type`, and for autocast)."""
+    return KERNELS[resolve_kernel_name(name, device_type, autocast)]

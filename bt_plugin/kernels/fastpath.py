@@ -53,6 +53,9 @@ class FastpathKernel:
         reason = dtype_reason(self.name, self.dtypes, hidden)
         if reason is None and not torch.backends.mha.get_fastpath_enabled():
             reason = "torch.backends.mha.get_fastpath_enabled() was False"
+        if reason is None and torch.is_autocast_enabled(hidden.device.type):
+            reason = (f"autocast was enabled on {hidden.device.type} (fastpath's fused kernel computes in its "
+                      "weights' dtype; packed computes what stock computes under autocast)")
         return reason
 
     def pack(self, hidden: torch.Tensor, keep: torch.Tensor | None):

@@ -17,6 +17,7 @@ from bt_plugin.compat import warn_unsupported_versions_once
 from bt_plugin.dispatch.eligibility import kernel_reason, layer_code_serves, structure_reason
 from bt_plugin.dispatch.heads import PaddedReads, padded_reads
 from bt_plugin.dispatch.layer import FusedLayer, LayerStats, fused_class_for, fused_qkv, unfuse_qkv
+from bt_plugin.precision import check_precision_name
 from bt_plugin.spec import EncoderSpec, resolve_path
 from bt_plugin.dispatch.stack import attach, detach
 
@@ -92,12 +93,16 @@ def _layer_lists(model: nn.Module, classes: tuple[type, ...]):
             yield path, module
 
 
-def convert(model: nn.Module, *, kernel: str = "auto", strict: bool = True) -> nn.Module:
+def convert(model: nn.Module, *, kernel: str = "auto", precision: str = "fp32", strict: bool = True) -> nn.Module:
     """Swap a transformers model's encoder layers for fused layers, in place.
 
     Args:
         model: A transformers model (e.g. `BertModel`, `AutoModelForSequenceClassification`).
         kernel: `"auto"` (by device) or a kernel name; an unknown name raises `ValueError`.
+        precision: what the encoder layers compute in at inference: `"fp32"` (as loaded),
+            `"bf16"` (each layer call under `torch.autocast` bf16; parameters, state_dict and
+            the layers' output dtype stay as loaded) or `"auto"` (bf16 only on a CPU with native
+            bf16). An unknown name raises `ValueError`. Converting again updates it.
         strict: Raise `ValueError` with the reason when the model cannot be converted; when
             False (the zero-code path) log a warning and return the model unchanged.
 
@@ -113,6 +118,7 @@ def convert(model: nn.Module, *, kernel: str = "auto", strict: bool = True) -> n
         ```
     """
     warn_unsupported_versions_once()
+    check_precision_name(precision)
     result = plan(model, kernel)
     converted = sum(isinstance(p.layer, FusedLayer) for p in result.layers)
     todo = [p for p in result.layers if p.reason is None and not isinstance(p.layer, FusedLayer)]
@@ -125,14 +131,19 @@ def convert(model: nn.Module, *, kernel: str = "auto", strict: bool = True) -> n
     reads = padded_reads(model, result.spec)
     for planned in todo:
         _swap(planned.layer, planned.spec, kernel, reads)
+    for planned in result.layers:
+        if isinstance(planned.layer, FusedLayer):
+            planned.layer.__dict__["_bt_precision"] = precision
     for list_path in dict.fromkeys(p.list_path for p in todo):
         owner_path, _, attribute = list_path.rpartition(".")
         owner = resolve_path(model, owner_path) if owner_path else model
         attach(owner, attribute, getattr(owner, attribute))
-    model.__dict__["_bt_plugin"] = {"spec": result.spec.name, "kernel": kernel, "padded_positions": reads.describe()}
+    model.__dict__["_bt_plugin"] = {"spec": result.spec.name, "kernel": kernel, "precision": precision,
+                                    "padded_positions": reads.describe()}
     total = len(result.layers)
     fused = converted + len(todo)
-    logger.info("%s: %d/%d layers fused (%s)", type(model).__name__, fused, total, result.kernel)
+    logger.info("%s: %d/%d layers fused (%s%s)", type(model).__name__, fused, total, result.kernel,
+                "" if precision == "fp32" else f", precision {precision}")
     for planned in result.layers:
         if planned.reason:
             logger.debug("%s: %s stays stock: %s", type(model).__name__, planned.path, planned.reason)

@@ -16,15 +16,16 @@ from contextvars import ContextVar
 
 from bt_plugin.compat import warn_unsupported_versions_once
 from bt_plugin.kernels import check_kernel_name
+from bt_plugin.precision import check_precision_name
 
 logger = logging.getLogger("bt_plugin")
 _TARGETS = ("PreTrainedModel.from_pretrained", "PreTrainedModel._from_config")
 
 _lock = threading.RLock()
 _handles: dict[str, object] = {}
-_global: dict[str, object] = {"enabled": False, "kernel": "auto", "source": None}
+_global: dict[str, object] = {"enabled": False, "kernel": "auto", "precision": "fp32", "source": None}
 _active_scopes = 0
-_scope: ContextVar[tuple[bool, str] | None] = ContextVar("bt_plugin_scope", default=None)
+_scope: ContextVar[tuple[bool, str, str] | None] = ContextVar("bt_plugin_scope", default=None)
 _loading: ContextVar[bool] = ContextVar("bt_plugin_loading", default=False)
 
 
@@ -51,21 +52,25 @@ def is_patched() -> bool:
     return bool(_handles)
 
 
-def current_setting() -> tuple[bool, str]:
-    """`(enabled, kernel)` for loads made here and now (scope first, then the global setting)."""
+def current_setting() -> tuple[bool, str, str]:
+    """`(enabled, kernel, precision)` for loads made here and now (scope first, then the global
+    setting)."""
     scoped = _scope.get()
     if scoped is not None:
         return scoped
-    return bool(_global["enabled"]), str(_global["kernel"])
+    return bool(_global["enabled"]), str(_global["kernel"]), str(_global["precision"])
 
 
-def enable(*, kernel: str = "auto", _source: str = "code") -> None:
+def enable(*, kernel: str = "auto", precision: str = "fp32", _source: str = "code") -> None:
     """Convert every supported model that `from_pretrained` / `from_config` returns from now on.
 
-    Calling it again only updates the kernel; one wrapper is ever installed.
+    Calling it again only updates the kernel and precision; one wrapper is ever installed.
 
     Args:
         kernel: `"auto"` (chosen per device) or a kernel name; unknown names raise `ValueError`.
+        precision: what the converted encoder layers compute in: `"fp32"` (as loaded, the
+            default), `"bf16"` (under autocast bf16, weights and outputs as loaded) or `"auto"`
+            (bf16 only on a CPU with native bf16); see `bt_plugin.precision`.
 
     Example:
         ```python
@@ -76,10 +81,11 @@ def enable(*, kernel: str = "auto", _source: str = "code") -> None:
         ```
     """
     check_kernel_name(kernel)
+    check_precision_name(precision)
     warn_unsupported_versions_once()
     with _lock:
         _install()
-        _global.update(enabled=True, kernel=kernel, source=_source)
+        _global.update(enabled=True, kernel=kernel, precision=precision, source=_source)
 
 
 def disable() -> None:
@@ -94,8 +100,9 @@ def disable() -> None:
 
 
 @contextmanager
-def enabled(active: bool = True, *, kernel: str = "auto") -> Iterator[None]:
-    """Convert (or, with `active=False`, do not convert) the loads made inside the block.
+def enabled(active: bool = True, *, kernel: str = "auto", precision: str = "fp32") -> Iterator[None]:
+    """Convert (or, with `active=False`, do not convert) the loads made inside the block, with
+    `kernel` and `precision` as in `enable`.
 
     The setting holds for the current thread or asyncio task only; loads elsewhere follow the
     global setting, also while the block runs.
@@ -109,10 +116,11 @@ def enabled(active: bool = True, *, kernel: str = "auto") -> Iterator[None]:
     """
     global _active_scopes
     check_kernel_name(kernel)
+    check_precision_name(precision)
     with _lock:
         _active_scopes += 1
         _install()
-    token = _scope.set((active, kernel))
+    token = _scope.set((active, kernel, precision))
     try:
         yield
     finally:
@@ -135,20 +143,20 @@ def _load_wrapper(wrapped, instance, args, kwargs):
         result = wrapped(*args, **kwargs)
     finally:
         _loading.reset(token)
-    wanted, kernel = current_setting()
+    wanted, kernel, precision = current_setting()
     if choice is not None:
         wanted = choice
     if wanted:
-        _convert_quietly(result[0] if isinstance(result, tuple) else result, kernel)
+        _convert_quietly(result[0] if isinstance(result, tuple) else result, kernel, precision)
     return result
 
 
-def _convert_quietly(model, kernel: str) -> None:
+def _convert_quietly(model, kernel: str, precision: str = "fp32") -> None:
     """Convert a freshly loaded model; a failure leaves it stock with a warning, never an error."""
     from bt_plugin.loading.conversion import convert, revert
 
     try:
-        convert(model, kernel=kernel, strict=False)
+        convert(model, kernel=kernel, precision=precision, strict=False)
     except Exception as error:  # a load must never fail because of the plugin
         logger.warning("bt_plugin left %s stock: conversion failed: %r", type(model).__name__, error)
         revert(model)

@@ -28,6 +28,7 @@ class LayerReport:
     fallback_calls: int = 0
     fallback_reasons: dict[str, int] = field(default_factory=dict)
     note: str | None = None
+    precision: str | None = None  # what its latest call computed in: "fp32", "bf16 (autocast)"
 
     @property
     def status(self) -> str:
@@ -47,6 +48,7 @@ class Explanation:
     reason: str | None
     layers: list[LayerReport]
     padded_positions: str | None = None
+    precision: str | None = None  # the precision choice it was converted with ("fp32", "bf16", "auto")
 
     @property
     def fused_layers(self) -> int:
@@ -62,11 +64,15 @@ class Explanation:
         lines = [head]
         if self.reason:
             lines.append(f"  not converted: {self.reason}")
+        if self.precision and self.precision != "fp32":
+            lines.append(f"  precision choice: {self.precision} (what each layer's latest call computed in: precision= below)")
         if self.padded_positions:
             lines.append(f"  padded positions of the encoder output: {self.padded_positions}")
         for layer in self.layers:
             detail = f"  {layer.path:<28} {layer.status:<22} kernel={layer.kernel or '-'}"
             detail += f" fused_calls={layer.fused_calls} fallback_calls={layer.fallback_calls}"
+            if layer.precision:
+                detail += f" precision={layer.precision}"
             if layer.reason:
                 detail += f"\n      reason: {layer.reason}"
             elif layer.note:
@@ -95,7 +101,8 @@ def explain(model: nn.Module, kernel: str | None = None) -> Explanation:
     reports = [_report(p.path, p.layer, p.reason) for p in result.layers]
     family = result.spec.name if result.spec else None
     padded_positions = model.__dict__.get("_bt_plugin", {}).get("padded_positions")
-    return Explanation(type(model).__name__, family, result.reason, reports, padded_positions)
+    precision = model.__dict__.get("_bt_plugin", {}).get("precision")
+    return Explanation(type(model).__name__, family, result.reason, reports, padded_positions, precision)
 
 
 def _report(path: str, layer: nn.Module, static_reason: str | None) -> LayerReport:
@@ -106,5 +113,5 @@ def _report(path: str, layer: nn.Module, static_reason: str | None) -> LayerRepo
     kernel = stats.last_kernel or resolve_kernel_name(layer.__dict__.get("_bt_kernel", "auto"), device)
     return LayerReport(
         path, True, kernel, stats.last_reason,
-        stats.fused_calls, stats.fallback_calls, dict(stats.reasons), stats.last_note,
+        stats.fused_calls, stats.fallback_calls, dict(stats.reasons), stats.last_note, stats.last_precision,
     )

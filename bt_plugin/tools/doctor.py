@@ -40,11 +40,13 @@ def pth_files() -> list[str]:
 
 
 def flags(environ=os.environ) -> dict[str, Any]:
-    """BT_PLUGIN / BT_PLUGIN_KERNEL values, whether they parse, and a warning line if not."""
-    from bt_plugin._boot import FLAG, KERNEL_FLAG, parse_flag
+    """BT_PLUGIN / BT_PLUGIN_KERNEL / BT_PLUGIN_PRECISION values, whether they parse, and a
+    warning line if not."""
+    from bt_plugin._boot import FLAG, KERNEL_FLAG, PRECISION_FLAG, parse_flag
     from bt_plugin.kernels import KERNEL_CHOICES
+    from bt_plugin.precision import PRECISION_CHOICES
 
-    value, kernel = environ.get(FLAG), environ.get(KERNEL_FLAG)
+    value, kernel, precision = environ.get(FLAG), environ.get(KERNEL_FLAG), environ.get(PRECISION_FLAG)
     state = parse_flag(value)
     warnings = []
     if state is None:
@@ -52,7 +54,18 @@ def flags(environ=os.environ) -> dict[str, Any]:
                         f"(use 1/true/yes/on or 0/false/no/off)")
     if kernel is not None and (kernel.strip() or "auto") not in KERNEL_CHOICES:
         warnings.append(f"{KERNEL_FLAG}={kernel!r} is malformed: valid kernels are {', '.join(KERNEL_CHOICES)}")
-    return {FLAG: value, "flag_enabled": state, KERNEL_FLAG: kernel, "warnings": warnings}
+    if precision is not None and (precision.strip().lower() or "fp32") not in PRECISION_CHOICES:
+        warnings.append(f"{PRECISION_FLAG}={precision!r} is malformed: valid precisions are "
+                        f"{', '.join(PRECISION_CHOICES)} (the plugin is not enabled with it)")
+    return {FLAG: value, "flag_enabled": state, KERNEL_FLAG: kernel, PRECISION_FLAG: precision, "warnings": warnings}
+
+
+def precisions() -> dict[str, Any]:
+    """The CPU's native reduced precisions and what `precision="auto"` computes in, with why."""
+    from bt_plugin.precision import auto_choice, native_precisions
+
+    choice, why = auto_choice("cpu")
+    return {"native": native_precisions(), "auto": choice, "why": why}
 
 
 def hook_active() -> bool:
@@ -98,6 +111,7 @@ def diagnose() -> dict[str, Any]:
         "flags": flag_info,
         "active": bool(flag_info["flag_enabled"]) and patched,
         "patched": patched,
+        "precision": precisions(),
         "families": families(),
     }
 
@@ -109,10 +123,14 @@ def format_text(report: dict[str, Any]) -> str:
     pth = report["pth_installed"]
     lines.append(f"bt_plugin.pth: {'installed at ' + ', '.join(pth) if pth else 'not installed in site-packages'}")
     flag_info = report["flags"]
-    lines.append(f"BT_PLUGIN={flag_info['BT_PLUGIN']!r} BT_PLUGIN_KERNEL={flag_info['BT_PLUGIN_KERNEL']!r}")
+    lines.append(f"BT_PLUGIN={flag_info['BT_PLUGIN']!r} BT_PLUGIN_KERNEL={flag_info['BT_PLUGIN_KERNEL']!r} "
+                 f"BT_PLUGIN_PRECISION={flag_info['BT_PLUGIN_PRECISION']!r}")
     lines += [f"warning: {warning}" for warning in flag_info["warnings"]]
     lines.append(f"zero-code hook active in this process: {'yes' if report['active'] else 'no'} "
                  f"(from_pretrained patched: {'yes' if report['patched'] else 'no'})")
+    precision = report["precision"]
+    lines.append(f"CPU native precisions: {', '.join(precision['native']) or 'none (fp32 only)'}")
+    lines.append(f"precision='auto' computes in: {precision['auto']} ({precision['why']})")
     lines.append("registered families:")
     for row in report["families"]:
         if row["error"]:
