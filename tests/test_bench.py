@@ -251,3 +251,36 @@ def test_cli_lists_and_forwards_bench(capsys):
     with pytest.raises(SystemExit) as raised:
         cli.main(["bench", "--help"])
     assert raised.value.code == 0 and "--quick" in capsys.readouterr().out
+
+
+def test_precisions_are_timed_in_processes_of_their_own_with_quality_and_their_own_limit(tmp_path, capsys):
+    """Each precision but fp32 runs in a child process; its rows join the same case, ratios to fp32
+    stock, quality as the cosine of pooled outputs to fp32 stock, the limit in its own dtype."""
+    out_json = tmp_path / "results.json"
+    argv = ["bench", *TINY, "--workloads", "text", "--candidates", "stock,packed", "--no-memory",
+            "--precisions", "autocast,bf16,bf16-weights", "--json", str(out_json)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out_json.read_text())
+    assert data["problems"] == []
+    [case] = data["cases"]
+    rows = {(row["candidate"], row["precision"]): row for row in case["rows"]}
+    assert set(rows) == {("stock", "fp32"), ("packed", "fp32"), ("stock", "autocast"), ("packed", "autocast"),
+                         ("packed", "bf16"), ("stock", "bf16-weights"), ("packed", "bf16-weights")}
+    stock = rows["stock", "fp32"]
+    for (name, precision), row in rows.items():
+        assert row["ratio_to_stock"] == pytest.approx(stock["median_ms"] / row["median_ms"])
+        if precision == "fp32":
+            assert row["min_cosine"] is None and row["exact"]
+            continue
+        assert bench_results.QUALITY_FLOOR <= row["min_cosine"] <= 1 + 1e-6, row
+        assert row["matmul_gflops"] and row["share_of_limit"]
+        assert f"| {name} {precision} |" in printed
+        if name == "packed":
+            assert row["fused_calls"] > 0 and row["fallback_calls"] == 0, row
+    assert "AMX-BF16" in printed or "CPU native precisions: " in printed
+
+
+def test_an_unknown_precision_is_refused_naming_the_valid_ones(capsys):
+    assert cli.main(["bench", *TINY, "--precisions", "int4"]) == 2
+    assert "unknown precision int4; valid: fp32, bf16-weights, autocast, bf16" in capsys.readouterr().err

@@ -10,8 +10,8 @@ from pathlib import Path
 from bt_plugin.tools.bench.report import README_END, README_START, _pyplot, plot_sweep, render_markdown, rewrite_readme
 from bt_plugin.tools.bench.results import BenchResults, FALLBACK_MESSAGE
 from bt_plugin.tools.bench.runner import run_settings
-from bt_plugin.tools.bench.settings import (CANDIDATES, DEFAULT_REPEATS, DEFAULT_SHAPES, QUICK_REPEATS, QUICK_THREADS,
-                                            SHAPES, WORKLOADS, Settings, make_settings)
+from bt_plugin.tools.bench.settings import (CANDIDATES, DEFAULT_REPEATS, DEFAULT_SHAPES, PRECISIONS, QUICK_REPEATS,
+                                            QUICK_THREADS, SHAPES, WORKLOADS, Settings, make_settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "rerank on minilm-reranker, which runs nothing else)")
     parser.add_argument("--candidates", type=_names, default=None,
                         help=f"comma-separated: {', '.join(CANDIDATES)} (default all; stock is always run)")
+    parser.add_argument("--precisions", type=_names, default=None,
+                        help="comma-separated: " + "; ".join(f"{name}: {what}" for name, what in PRECISIONS.items())
+                        + " (default fp32; each precision is timed in a process of its own, ratios to fp32 stock)")
+    parser.add_argument("--precision-of-this-process", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--text-batches", type=int, default=None, help="batches of 32 paragraphs in the text "
                         "workload (default 4, 1 with --quick)")
     parser.add_argument("--threads", type=int, default=None,
@@ -58,7 +62,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Check the choices and outputs, run, print the report, write JSON/README/plot, judge."""
     try:
         settings = make_settings(args.shapes, args.workloads, args.candidates, args.repeats, args.quick,
-                                 args.memory, args.text_batches, 0, args.threads)
+                                 args.memory, args.text_batches, 0, args.threads, args.precisions,
+                                 args.precision_of_this_process)
         _check_outputs(args, settings)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

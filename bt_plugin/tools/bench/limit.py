@@ -44,12 +44,12 @@ def real_flops(linears: Counter, lengths: list[int], width: int, layers: int) ->
     return sum(lengths) * per_token + layers * sum(4 * length * length * width for length in lengths)
 
 
-def matmul_rate(linears: Counter, batch_tokens: list[int], repeats: int = 3) -> float:
+def matmul_rate(linears: Counter, batch_tokens: list[int], repeats: int = 3, dtype: torch.dtype = torch.float32) -> float:
     """FLOP/s of this process's `torch.nn.functional.linear` on one layer's shapes (`linears`,
     from `encoder_linears` of one layer): each batch's real tokens through every linear, as often
     as the layer has it; the median of `repeats` timed sweeps after one untimed one."""
-    inputs = {(t, i): torch.randn(t, i) for t in set(batch_tokens) for i, _ in linears}
-    weights = {(i, o): (torch.randn(o, i), torch.randn(o)) for i, o in linears}
+    inputs = {(t, i): torch.randn(t, i, dtype=dtype) for t in set(batch_tokens) for i, _ in linears}
+    weights = {(i, o): (torch.randn(o, i, dtype=dtype), torch.randn(o, dtype=dtype)) for i, o in linears}
     flops = sum(2 * t * i * o * n for t in batch_tokens for (i, o), n in linears.items())
 
     def sweep() -> float:

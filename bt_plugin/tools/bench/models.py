@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -101,8 +102,9 @@ def unavailable_reason(candidate: str) -> str | None:
 
 
 def load_candidate(source: str, candidate: str, adapter: bool = False, attention: str | None = None,
-                   model_class: str = "AutoModel") -> nn.Module:
-    """Load `source` the way `candidate` runs it; raises Unavailable for an unknown kernel."""
+                   model_class: str = "AutoModel", precision: str = "fp32") -> nn.Module:
+    """Load `source` the way `candidate` runs it at `precision` (settings.PRECISIONS); raises
+    Unavailable for an unknown kernel."""
     import bt_plugin
     import transformers
     from transformers import AutoModel
@@ -125,16 +127,26 @@ def load_candidate(source: str, candidate: str, adapter: bool = False, attention
     if bt_plugin.is_converted(model):  # BT_PLUGIN=1 in the environment converts every load
         bt_plugin.revert(model)
     if kernel is not None:
-        bt_plugin.convert(model, kernel=kernel)
-    return with_adapter(wrapped) if adapter else wrapped
+        bt_plugin.convert(model, kernel=kernel, **({"precision": "bf16"} if precision == "bf16" else {}))
+    wrapped = with_adapter(wrapped) if adapter else wrapped
+    if precision == "bf16-weights":
+        base_model(wrapped).to(torch.bfloat16)  # the adapter's weights too (peft puts them inside)
+    return wrapped
 
 
-def forward(model: nn.Module, batch: dict) -> torch.Tensor:
+def calling(precision: str):
+    """The context a candidate at `precision` is called in (autocast for `autocast`)."""
+    if precision == "autocast":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def forward(model: nn.Module, batch: dict, precision: str = "fp32") -> torch.Tensor:
     """`last_hidden_state` of one batch (a reranker's scores), in inference mode (the mode the
-    fused path serves)."""
-    with torch.inference_mode():
+    fused path serves), as float32."""
+    with torch.inference_mode(), calling(precision):
         output = model(**batch)
-    return output if isinstance(output, torch.Tensor) else output.last_hidden_state
+    return (output if isinstance(output, torch.Tensor) else output.last_hidden_state).float()
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -153,13 +165,14 @@ def layer_counts(model: nn.Module) -> tuple[int, int, Counter]:
     return sum(x.fused_calls for x in layers), sum(x.fallback_calls for x in layers), reasons
 
 
-def load_candidates(source: str, names: Iterable[str], shape: Shape) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """The models of the available candidates, and why the others are unavailable."""
+def load_candidates(source: str, names: Iterable[str], shape: Shape,
+                    precision: str = "fp32") -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The models of the available candidates at `precision`, and why the others are unavailable."""
     models, unavailable = {}, {}
     for name in names:
         try:
             model_class = "CrossEncoder" if shape.reranker else "AutoModel" if shape.config is None else shape.model_class
-            models[name] = load_candidate(source, name, shape.adapter, shape.attn_implementation, model_class)
+            models[name] = load_candidate(source, name, shape.adapter, shape.attn_implementation, model_class, precision)
         except Unavailable as error:
             unavailable[name] = str(error)
     return models, unavailable

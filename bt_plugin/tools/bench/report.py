@@ -20,20 +20,22 @@ def _ms(value: float | None) -> str:
 def _row_cells(case: CaseResult, row: CandidateResult) -> list[str]:
     """One table row (see CASE_COLUMNS)."""
     if row.unavailable:
-        return [row.candidate, f"unavailable: {row.unavailable}", "", "", f"{case.real_fraction:.0%}", "", "", "", ""]
+        return [row.label, f"unavailable: {row.unavailable}", "", "", f"{case.real_fraction:.0%}", "", "", "", ""]
     ratio = case.ratio(row)
     diff = f"{row.max_abs_diff:.1e} {'ok' if row.exact else 'FAIL'}"
+    if row.precision != "fp32":
+        diff = f"cos {row.min_cosine:.5f} {'ok' if row.exact else 'FAIL'}"
     calls = "-" if not row.fused else f"{row.fused_calls} / {row.fallback_calls}"
     spread = f"{_ms(min(row.times_ms))}–{_ms(max(row.times_ms))}" + (" noisy" if row.noisy else "")
     return [
-        row.candidate, _ms(row.median_ms), spread,
-        f"{ratio:.2f}x", f"{case.real_fraction:.0%}", f"{ratio * case.real_fraction:.0%}",
+        row.label, _ms(row.median_ms), spread,
+        "-" if ratio is None else f"{ratio:.2f}x", f"{case.real_fraction:.0%}", "-" if ratio is None else f"{ratio * case.real_fraction:.0%}",
         "-" if case.of_limit(row) is None else f"{case.of_limit(row):.0%}", diff, calls,
     ]
 
 
 CASE_COLUMNS = ("candidate", "median ms", "min–max ms", "ratio", "real tokens", "of ideal", "of limit",
-                "max abs diff (real tokens)", "fused / fallback calls")
+                "vs fp32 stock (real tokens)", "fused / fallback calls")
 
 
 def markdown_table(header: Sequence[str], rows: list[list[str]]) -> str:
@@ -55,10 +57,14 @@ def render_cases(results: BenchResults) -> list[str]:
         busy = [c.others_cpu for c in cases if c.busy]
         busy = f"; busy: other processes used up to {max(busy):.0%} of the CPUs" if busy else ""
         rates = sorted({round(c.matmul_gflops) for c in cases if c.matmul_gflops})
+        reduced = sorted({round(r.matmul_gflops) for c in cases for r in c.rows if r.matmul_gflops})
         limit = ""
         if rates:
             span = str(rates[0]) if len(rates) == 1 else f"{rates[0]}–{rates[-1]}"
             limit = f"; matrix-multiply limit {span} GFLOP/s"
+            if reduced:
+                low = reduced[0] if len(reduced) == 1 else f"{reduced[0]}–{reduced[-1]}"
+                limit += f" (bf16: {low})"
         title = f"**{shape} · {workload}** (batches x rows x padded length: {batches}{repeated}{limit}{busy})"
         rows = [_row_cells(case, row) for case in cases for row in case.rows]
         tables.append(title + "\n\n" + markdown_table(CASE_COLUMNS, rows))
@@ -87,11 +93,24 @@ def machine_line(results: BenchResults) -> str:
     threads = f"{m['torch_threads']} torch thread{'s' if m['torch_threads'] != 1 else ''}"
     return (f"Measured on {m['cpu']}, {m['cores']} cores ({threads}; 1-minute load average "
             f"{m['load_average_before']} before, {m.get('load_average_after')} after), torch {m['torch']}, "
-            f"transformers {m['transformers']}, Python {m['python']}, {m['date']}: fp32, "
+            f"transformers {m['transformers']}, Python {m['python']}, {m['date']}; CPU native precisions: "
+            f"{', '.join(m.get('native_precisions') or []) or 'none'}; {_precisions(s)}, "
             f"`torch.inference_mode()`, median of {s.repeats} interleaved runs"
             f"{' (--quick)' if s.quick else ''}; ratio = stock median / candidate median; of ideal = ratio / "
             f"(1 / real-token fraction); of limit = the real tokens' FLOPs per second / the matrix-multiply "
-            f"rate this process measured on the same shapes just before (bt_plugin.tools.bench.limit).")
+            f"rate this process measured on the same shapes just before, in the dtype the row computes in "
+            f"(bt_plugin.tools.bench.limit); vs fp32 stock = max abs diff on real tokens (fp32 rows), min cosine "
+            f"of mean-pooled outputs (reduced precision).")
+
+
+def _precisions(settings) -> str:
+    """What the rows' precisions mean (each one timed in a process of its own)."""
+    from bt_plugin.tools.bench.settings import PRECISIONS
+
+    if settings.precisions == ("fp32",):
+        return "fp32"
+    return ("precisions, each timed in a process of its own: "
+            + "; ".join(f"{name} = {PRECISIONS[name]}" for name in settings.precisions))
 
 
 def noise_line(results: BenchResults) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import asdict, dataclass, field
 
-from bt_plugin.tools.bench.settings import CANDIDATES, Settings
+from bt_plugin.tools.bench.settings import CANDIDATES, QUALITY_FLOOR, Settings
 
 
 TOLERANCE = 1e-5
@@ -31,6 +31,14 @@ class CandidateResult:
     fallback_calls: int | None = None
     fallback_reasons: dict[str, int] = field(default_factory=dict)
     unavailable: str | None = None
+    precision: str = "fp32"  # see settings.PRECISIONS
+    min_cosine: float | None = None  # reduced precision: min cosine of pooled outputs to fp32 stock
+    matmul_gflops: float | None = None  # the matrix-multiply rate in this row's dtype (its own process)
+
+    @property
+    def label(self) -> str:
+        """The candidate, with its precision when that is not fp32 (`packed autocast`)."""
+        return self.candidate if self.precision == "fp32" else f"{self.candidate} {self.precision}"
 
     @property
     def median_ms(self) -> float | None:
@@ -46,7 +54,10 @@ class CandidateResult:
 
     @property
     def exact(self) -> bool:
-        """Whether the output equals stock's on real tokens within TOLERANCE."""
+        """Whether the output equals stock's on real tokens within TOLERANCE (at reduced precision:
+        whether its pooled outputs keep a cosine of QUALITY_FLOOR to fp32 stock's)."""
+        if self.precision != "fp32":
+            return self.min_cosine is not None and self.min_cosine >= QUALITY_FLOOR
         return self.max_abs_diff is not None and self.max_abs_diff <= TOLERANCE
 
     @property
@@ -74,9 +85,9 @@ class CaseResult:
         """Whether other processes competed for the CPUs during the timed runs."""
         return self.others_cpu is not None and self.others_cpu > BUSY_SHARE
 
-    def row(self, candidate: str) -> CandidateResult | None:
-        """The named candidate's row, if it was selected."""
-        return next((r for r in self.rows if r.candidate == candidate), None)
+    def row(self, candidate: str, precision: str = "fp32") -> CandidateResult | None:
+        """The named candidate's row at a precision, if it was selected."""
+        return next((r for r in self.rows if r.candidate == candidate and r.precision == precision), None)
 
     def ratio(self, row: CandidateResult) -> float | None:
         """Stock median / this candidate's median (higher is faster)."""
@@ -87,9 +98,10 @@ class CaseResult:
 
     def of_limit(self, row: CandidateResult) -> float | None:
         """The candidate's rate on the real tokens' FLOPs / the measured matrix-multiply rate."""
-        if not (self.real_gflop and self.matmul_gflops and row.median_ms):
+        rate = row.matmul_gflops or self.matmul_gflops
+        if not (self.real_gflop and rate and row.median_ms):
             return None
-        return self.real_gflop / (row.median_ms / 1000) / self.matmul_gflops
+        return self.real_gflop / (row.median_ms / 1000) / rate
 
 
 @dataclass
@@ -121,10 +133,12 @@ class BenchResults:
         found = []
         for case in self.cases:
             for row in case.rows:
-                where = f"{case.shape} {case.workload} ({case.real_fraction:.0%} real): {row.candidate}"
+                where = f"{case.shape} {case.workload} ({case.real_fraction:.0%} real): {row.label}"
                 if row.unavailable:
                     continue
-                if not row.exact:
+                if not row.exact and row.precision != "fp32":
+                    found.append(f"{where}: min cosine to fp32 stock {row.min_cosine} below {QUALITY_FLOOR} (FAIL)")
+                elif not row.exact:
                     found.append(f"{where}: max abs diff {row.max_abs_diff} exceeds {TOLERANCE} (FAIL)")
                 if row.fused and (row.fallback_calls or not row.fused_calls):
                     reasons = "; ".join(f"{r} (x{n})" for r, n in row.fallback_reasons.items()) or "no fused call"

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +18,7 @@ import torch
 from bt_plugin.tools.bench.cases import Case, build_cases
 from bt_plugin.tools.bench.memory import memory_jobs, run_memory
 from bt_plugin.tools.bench.models import minilm_dir, model_source
-from bt_plugin.tools.bench.results import BenchResults
+from bt_plugin.tools.bench.results import BenchResults, CandidateResult
 from bt_plugin.tools.bench.settings import SHAPES, Settings, make_settings, shape_candidates
 from bt_plugin.tools.bench.timing import run_shape
 
@@ -29,8 +33,11 @@ def machine_info() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    from bt_plugin.precision import native_precisions
+
     return {
         "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "native_precisions": native_precisions(),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "python": platform.python_version(), "date": datetime.date.today().isoformat(),
         "load_average_before": _load_average(),
@@ -48,19 +55,76 @@ def _load_average() -> float | None:
 def run(shapes: Sequence[str] | None = None, workloads: Sequence[str] | None = None, *,
         candidates: Sequence[str] | None = None, repeats: int | None = None, quick: bool = False,
         memory: bool | None = None, text_batches: int | None = None, seed: int = 0,
-        threads: int | None = None, progress: bool = True) -> BenchResults:
+        threads: int | None = None, progress: bool = True, precisions: Sequence[str] | None = None) -> BenchResults:
     """Run the benchmark and return the results (nothing is printed but the progress bar).
 
     Defaults: DEFAULT_SHAPES, each shape's workloads, every candidate (each shape runs those it
     lists), 5 repeats, peak memory, torch's threads; with `quick`, QUICK_PLAN, 3 repeats, 1 text
-    batch, no peak memory, 1 thread.
+    batch, no peak memory, 1 thread. `precisions` (settings.PRECISIONS) besides fp32 each run in a
+    process of their own, and their rows join the same cases.
     """
-    settings = make_settings(shapes, workloads, candidates, repeats, quick, memory, text_batches, seed, threads)
+    settings = make_settings(shapes, workloads, candidates, repeats, quick, memory, text_batches, seed, threads,
+                             precisions)
     return run_settings(settings, progress)
 
 
 def run_settings(settings: Settings, progress: bool = True) -> BenchResults:
-    """Run the benchmark as `settings` say (see `run`)."""
+    """Run the benchmark as `settings` say (see `run`): this process's precision here, every
+    other precision in a child process, one after the other."""
+    results = _run_here(settings, progress)
+    if settings.precision == "fp32":
+        for precision in settings.precisions:
+            if precision != "fp32":
+                merge_rows(results, run_child(settings, precision, progress))
+    return results
+
+
+def child_arguments(settings: Settings, precision: str, json_path: str) -> list[str]:
+    """The `python -m bt_plugin bench` arguments that time `settings`' plan at `precision` alone."""
+    arguments = ["--shapes", ",".join(settings.shapes), "--candidates", ",".join(settings.candidates),
+                 "--repeats", str(settings.repeats), "--text-batches", str(settings.text_batches),
+                 "--no-memory", "--precision-of-this-process", precision, "--json", json_path]
+    if settings.workloads:
+        arguments += ["--workloads", ",".join(settings.workloads)]
+    if settings.threads:
+        arguments += ["--threads", str(settings.threads)]
+    if settings.quick:
+        arguments.append("--quick")
+    return arguments
+
+
+def run_child(settings: Settings, precision: str, progress: bool = True) -> dict:
+    """Time the plan at `precision` in a fresh interpreter; its `--json` results."""
+    with tempfile.TemporaryDirectory(prefix="bt_plugin_bench_child_") as tmp:
+        target = os.path.join(tmp, "results.json")
+        command = [sys.executable, "-m", "bt_plugin", "bench", *child_arguments(settings, precision, target)]
+        if not progress:
+            command.append("--no-progress")
+        done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=None if progress else subprocess.PIPE,
+                              text=True)
+        if not os.path.exists(target):
+            raise RuntimeError(f"the {precision} benchmark process failed (exit {done.returncode}): "
+                               f"{(done.stderr or '')[-2000:]}")
+        with open(target) as results:
+            return json.load(results)
+
+
+def merge_rows(results: BenchResults, child: dict) -> None:
+    """Add a child process's rows to the matching cases (same shape, workload and batches)."""
+    fields = {f.name for f in dataclasses.fields(CandidateResult)}
+    cases = {(c.shape, c.workload, c.batch_shape, round(c.real_fraction, 6)): c for c in results.cases}
+    for raw in child["cases"]:
+        case = cases.get((raw["shape"], raw["workload"], raw["batch_shape"], round(raw["real_fraction"], 6)))
+        if case is None:
+            continue
+        for row in raw["rows"]:
+            result = CandidateResult(**{key: value for key, value in row.items() if key in fields})
+            result.matmul_gflops = result.matmul_gflops or raw["matmul_gflops"]
+            case.rows.append(result)
+
+
+def _run_here(settings: Settings, progress: bool = True) -> BenchResults:
+    """Time the plan at this process's precision."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging

@@ -18,6 +18,20 @@ CANDIDATES: dict[str, tuple[str, str | None]] = {
 MEMORY_CANDIDATES = ("stock", "fastpath", "packed")
 
 
+# What each candidate computes in. Every precision but fp32 is timed in a process of its own: bf16
+# work (AMX tiles, AVX512-BF16) slows the fp32 work that follows it in the same process by about
+# 30 % on some CPUs, so precisions must not be interleaved. Ratios are to fp32 stock.
+PRECISIONS: dict[str, str] = {
+    "fp32": "as loaded, float32",
+    "bf16-weights": "loaded in bfloat16 (weights, activations and outputs bf16)",
+    "autocast": "called under torch.autocast('cpu', dtype=torch.bfloat16)",
+    "bf16": "bt_plugin's precision='bf16' (float32 model, its layers under autocast); bt_plugin candidates only",
+}
+PRECISION_DTYPES = {"fp32": "float32", "bf16-weights": "bfloat16", "autocast": "bfloat16", "bf16": "bfloat16"}
+# Below this minimum cosine of pooled outputs to fp32 stock a reduced-precision row fails the run.
+QUALITY_FLOOR = 0.999
+
+
 TOKEN_WORKLOADS = ("text", "no-padding", "batch1", "sweep")  # token tensors into the model
 
 
@@ -135,6 +149,8 @@ class Settings:
     seed: int = 0
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     sweep_length: int = SWEEP_LENGTH
+    precisions: tuple[str, ...] = ("fp32",)  # fp32 always first: the ratios' reference
+    precision: str = "fp32"  # what this process times (the others run in child processes)
 
     def plan(self) -> list[tuple[str, str]]:
         """The (shape, workload) pairs to run, in order."""
@@ -146,17 +162,21 @@ class Settings:
 
 
 def shape_candidates(shape: str, settings: Settings) -> list[str]:
-    """The selected candidates this shape runs (stock always first: the ratios need it)."""
-    return [name for name in settings.candidates if SHAPES[shape].runs(name)]
+    """The selected candidates this shape runs at this process's precision (stock always first:
+    the ratios need it; precision bf16 is bt_plugin's own option, stock does not run it)."""
+    return [name for name in settings.candidates if SHAPES[shape].runs(name)
+            and (settings.precision != "bf16" or CANDIDATES[name][1] is not None)]
 
 
-def make_settings(shapes, workloads, candidates, repeats, quick, memory, text_batches, seed, threads=None) -> Settings:
+def make_settings(shapes, workloads, candidates, repeats, quick, memory, text_batches, seed, threads=None,
+                  precisions=None, precision: str = "fp32") -> Settings:
     """Validate the choices and fill in the defaults (`quick` changes shapes, repeats, text batches,
     the sweep's length, memory and threads)."""
     shapes = tuple(shapes or (QUICK_PLAN if quick else DEFAULT_SHAPES))
     candidates = tuple(dict.fromkeys(["stock", *(candidates or CANDIDATES)]))  # stock is the reference
+    precisions = tuple(dict.fromkeys(["fp32", *(precisions or ())]))
     for kind, chosen, valid in (("shape", shapes, SHAPES), ("workload", workloads or (), WORKLOADS),
-                                ("candidate", candidates, CANDIDATES)):
+                                ("candidate", candidates, CANDIDATES), ("precision", precisions + (precision,), PRECISIONS)):
         unknown = [c for c in chosen if c not in valid]
         if unknown:
             public = [v for v in valid if kind != "shape" or SHAPES[v].public]
@@ -171,5 +191,5 @@ def make_settings(shapes, workloads, candidates, repeats, quick, memory, text_ba
     memory = (not quick) if memory is None else memory
     threads = threads or (QUICK_THREADS if quick else None)
     return Settings(shapes, tuple(workloads) if workloads else None, candidates, repeats,
-                    text_batches or (1 if quick else 4), memory, quick, seed, threads,
-                    QUICK_SWEEP_LENGTH if quick else SWEEP_LENGTH)
+                    text_batches or (1 if quick else 4), memory and precision == "fp32", quick, seed, threads,
+                    QUICK_SWEEP_LENGTH if quick else SWEEP_LENGTH, precisions, precision)

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from bt_plugin.tools.bench.cases import Case
-from bt_plugin.tools.bench.models import base_model, forward, layer_counts, load_candidates
+from bt_plugin.tools.bench.models import base_model, calling, forward, layer_counts, load_candidate, load_candidates
 from bt_plugin.tools.bench.results import CandidateResult, CaseResult
-from bt_plugin.tools.bench.settings import CANDIDATES, SHAPES, Settings, shape_candidates
+from bt_plugin.tools.bench.settings import CANDIDATES, PRECISION_DTYPES, SHAPES, Settings, shape_candidates
 
 
 MIN_RUN_MS, MAX_PASSES = 100.0, 50  # short forwards are repeated within one timed run
@@ -34,6 +34,20 @@ def max_diff_on_real(outputs: list[torch.Tensor], reference: list[torch.Tensor],
     return max(diffs)
 
 
+def min_pooled_cosine(outputs: list[torch.Tensor], reference: list[torch.Tensor], case: Case) -> float:
+    """The smallest cosine, over the rows of every batch, between mean-pooled outputs over real
+    tokens (a reranker: the cosine of each batch's vector of scores)."""
+    cosines = []
+    for out, ref, batch in zip(outputs, reference, case.batches):
+        if case.of_text:
+            cosines.append(torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item())
+            continue
+        weights = batch["attention_mask"][..., None].float()
+        pooled = [(t * weights).sum(1) / weights.sum(1).clamp_min(1) for t in (out, ref)]
+        cosines.append(torch.nn.functional.cosine_similarity(*pooled, dim=-1).min().item())
+    return min(cosines)
+
+
 @contextlib.contextmanager
 def received_masks(model: nn.Module):
     """Yields the list of attention masks `model`'s encoder receives inside the block (a
@@ -47,27 +61,32 @@ def received_masks(model: nn.Module):
         hook.remove()
 
 
-def check_exactness(case: Case, models: dict[str, nn.Module], rows: dict[str, CandidateResult]) -> float:
-    """Untimed warm-up run of every candidate; its output is compared with stock on real tokens.
+def check_exactness(case: Case, models: dict[str, nn.Module], rows: dict[str, CandidateResult],
+                    stock: nn.Module, precision: str = "fp32") -> float:
+    """Untimed warm-up run of every candidate; its output is compared with fp32 `stock` on real
+    tokens (at reduced precision: the cosine of pooled outputs, and the max abs diff).
 
-    Returns the milliseconds of stock's warm-up run.
+    Returns the milliseconds of the first timed candidate's warm-up run.
     """
-    stock = models["stock"]
     start = time.perf_counter()
     with received_masks(stock) if case.of_text else contextlib.nullcontext() as masks:
         reference = [forward(stock, b) for b in case.batches]
     if case.of_text:
         case.received_masks = masks
-    stock_ms = 1000 * (time.perf_counter() - start)
+    first_ms = 1000 * (time.perf_counter() - start) if next(iter(models.values())) is stock else None
     for name, model in models.items():
-        outputs = reference if name == "stock" else [forward(model, b) for b in case.batches]
+        start = time.perf_counter()
+        outputs = reference if model is stock else [forward(model, b, precision) for b in case.batches]
+        first_ms = 1000 * (time.perf_counter() - start) if first_ms is None else first_ms
         rows[name].max_abs_diff = max_diff_on_real(outputs, reference, case)
-    return stock_ms
+        if precision != "fp32":
+            rows[name].min_cosine = min_pooled_cosine(outputs, reference, case)
+    return first_ms
 
 
-def time_run(model: nn.Module, case: Case, passes: int = 1) -> float:
+def time_run(model: nn.Module, case: Case, passes: int = 1, precision: str = "fp32") -> float:
     """Milliseconds per pass, over `passes` passes of one forward on each batch of the case."""
-    with torch.inference_mode():
+    with torch.inference_mode(), calling(precision):
         start = time.perf_counter()
         for _ in range(passes):
             for batch in case.batches:
@@ -75,45 +94,52 @@ def time_run(model: nn.Module, case: Case, passes: int = 1) -> float:
         return 1000 * (time.perf_counter() - start) / passes
 
 
-def passes_per_run(case: Case, stock: nn.Module, warm_up_ms: float) -> int:
+def passes_per_run(case: Case, first: nn.Module, warm_up_ms: float, precision: str = "fp32") -> int:
     """Passes per timed run so that one takes at least MIN_RUN_MS (as timeit's autorange): a
     millisecond-scale forward timed alone would measure the scheduler of a busy machine."""
     if warm_up_ms >= 2 * MIN_RUN_MS:  # no need to time a long forward again
         return 1
-    return max(1, min(MAX_PASSES, math.ceil(MIN_RUN_MS / max(time_run(stock, case), 1e-3))))
+    return max(1, min(MAX_PASSES, math.ceil(MIN_RUN_MS / max(time_run(first, case, 1, precision), 1e-3))))
 
 
-def case_limit(case: Case, models: dict[str, nn.Module]) -> tuple[float | None, float | None]:
+def case_limit(case: Case, models: dict[str, nn.Module], stock: nn.Module,
+               precision: str = "fp32") -> tuple[float | None, float | None]:
     """(GFLOP of the real tokens per pass over the case, this process's matrix-multiply GFLOP/s on
-    the case's shapes, measured now), see bt_plugin.tools.bench.limit; (None, None) without a
-    fused candidate. The layers are those a fused candidate converted, their linears stock's."""
+    the case's shapes in the dtype `precision` computes in, measured now), see
+    bt_plugin.tools.bench.limit; (None, None) without a fused candidate. The layers are those a
+    fused candidate converted, their linears stock's."""
     import bt_plugin
     from bt_plugin.tools.bench import limit
 
     fused = [m for name, m in models.items() if CANDIDATES[name][1]]
     if not fused:
         return None, None
-    model = base_model(models["stock"])
+    model = base_model(stock)
     paths = [layer.path for layer in bt_plugin.explain(base_model(fused[0])).layers]
     lengths = [int(n) for mask in case.masks for n in mask.sum(dim=1)]
     work = limit.real_flops(limit.encoder_linears(model, paths), lengths, limit.attention_width(model.config),
                             len(paths))
-    rate = limit.matmul_rate(limit.encoder_linears(model, paths[:1]), [int(mask.sum()) for mask in case.masks])
+    rate = limit.matmul_rate(limit.encoder_linears(model, paths[:1]), [int(mask.sum()) for mask in case.masks],
+                             dtype=getattr(torch, PRECISION_DTYPES[precision]))
     return work / 1e9, rate / 1e9
 
 
-def time_case(case: Case, models: dict[str, nn.Module], repeats: int, bar) -> CaseResult:
-    """Warm up and check, measure the matrix-multiply limit, then `repeats` interleaved repetitions
-    (rotating order) of every candidate."""
-    rows = {name: CandidateResult(name) for name in models}
-    passes = passes_per_run(case, models["stock"], check_exactness(case, models, rows))
-    real_gflop, matmul_gflops = case_limit(case, models)
+def time_case(case: Case, models: dict[str, nn.Module], repeats: int, bar, stock: nn.Module | None = None,
+              precision: str = "fp32") -> CaseResult:
+    """Warm up and check against fp32 `stock` (default: the stock candidate), measure the
+    matrix-multiply limit, then `repeats` interleaved repetitions (rotating order) of every
+    candidate, called at `precision`."""
+    stock = models["stock"] if stock is None else stock
+    rows = {name: CandidateResult(name, precision=precision) for name in models}
+    first = next(iter(models.values()))
+    passes = passes_per_run(case, first, check_exactness(case, models, rows, stock, precision), precision)
+    real_gflop, matmul_gflops = case_limit(case, models, stock, precision)
     gc.collect()
     before = {name: layer_counts(m) for name, m in models.items() if CANDIDATES[name][1]}
     names, cpu_before = list(models), cpu_snapshot()
     for rep in range(repeats):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
-            rows[name].times_ms.append(time_run(models[name], case, passes))
+            rows[name].times_ms.append(time_run(models[name], case, passes, precision))
             bar.update(1)
     others = others_cpu_share(cpu_before, cpu_snapshot())
     for name, (fused0, fallback0, reasons0) in before.items():
@@ -149,15 +175,19 @@ def others_cpu_share(before, after) -> float | None:
 def run_shape(shape: str, cases: list[Case], settings: Settings, source: str, bar) -> list[CaseResult]:
     """Load every candidate of one shape (same checkpoint, same weights) and time its cases."""
     names = shape_candidates(shape, settings)
-    models, unavailable = load_candidates(source, names, SHAPES[shape])
+    models, unavailable = load_candidates(source, names, SHAPES[shape], settings.precision)
+    stock = None
+    if settings.precision != "fp32":  # the fp32 reference, untimed (its times come from the fp32 process)
+        stock = load_candidates(source, ["stock"], SHAPES[shape])[0]["stock"]
     bar.total -= len(unavailable) * settings.repeats * len(cases)
     bar.refresh()
     results = []
     for case in cases:
         bar.set_description(f"{shape} {case.workload}" + ("" if case.of_text else f" {case.real_fraction:.0%}"))
-        result = time_case(case, models, settings.repeats, bar)
+        result = time_case(case, models, settings.repeats, bar, stock, settings.precision)
         timed = {row.candidate: row for row in result.rows}
-        result.rows = [timed.get(n) or CandidateResult(n, unavailable=unavailable[n]) for n in names]
+        result.rows = [timed.get(n) or CandidateResult(n, unavailable=unavailable[n], precision=settings.precision)
+                       for n in names]
         results.append(result)
     del models
     gc.collect()
