@@ -176,3 +176,32 @@ def test_a_malformed_precision_flag_leaves_the_plugin_off_with_a_warning(tmp_pat
     assert done.stdout.strip() == "False"
     assert "valid precisions: fp32, bf16, auto" in done.stderr
     assert "malformed" in doctor.format_text({**doctor.diagnose(), "flags": doctor.flags(env)})
+
+
+def test_the_bf16_weight_copy_follows_the_parameters_and_stays_out_of_the_state_dict(tiny):
+    """The cast weights are kept between calls; a parameter changed in place (load_state_dict) or
+    replaced (.to()) makes them again: the output is what a fresh conversion of the new weights gives."""
+    model = bt_plugin.convert(BertModel.from_pretrained(tiny).eval(), precision="bf16")
+    batch = _batch()
+    with torch.inference_mode():
+        model(**batch)
+    layer = model.encoder.layer[0]
+    assert "_bt_cast_weights" in layer.__dict__
+    assert not any("cast" in key for key in model.state_dict())
+    torch.manual_seed(5)
+    other = BertModel(model.config).eval()
+    model.load_state_dict(other.state_dict())  # in place: same storage, new values
+    fresh = bt_plugin.convert(other, precision="bf16")
+    with torch.inference_mode():
+        got, want = model(**batch).last_hidden_state, fresh(**batch).last_hidden_state
+    assert torch.equal(got, want)
+    copied = pickle_roundtrip(model)
+    assert all("_bt_cast_weights" not in module.__dict__ for module in copied.modules())
+    with torch.inference_mode():
+        assert torch.equal(copied(**batch).last_hidden_state, want)
+
+
+def pickle_roundtrip(model):
+    import copy
+
+    return copy.deepcopy(model)

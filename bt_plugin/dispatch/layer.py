@@ -12,6 +12,7 @@ travels inside the hidden states, so exceptions, nested models and threads need 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -92,6 +93,7 @@ class FusedLayer:
         # shared [3E, E] storage once per view); the fused cache is rebuilt on first use.
         unfuse_qkv(self)
         state = dict(self.__dict__)
+        state.pop("_bt_cast_weights", None)  # a cache of casts, rebuilt on first use
         return (_rebuild, (self._bt_stock_class, self._bt_spec.name, self._bt_spec.layout), state)
 
 
@@ -266,6 +268,31 @@ def layer_tensors(layer) -> LayerTensors:
     )
 
 
+_MATMUL_TENSORS = ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias",
+                   "linear1_weight", "linear1_bias", "linear2_weight", "linear2_bias")
+
+
+def _cast_for_autocast(layer, tensors: LayerTensors) -> LayerTensors:
+    """Under autocast, for a layer converted with a reduced precision: its matrix-multiply weights
+    cast once to the autocast dtype and kept (autocast would cast them on every call; the values are
+    the same). The copy lives beside the parameters, outside the state_dict, and is made again
+    when a parameter changes (its storage or version); other layers and calls use the parameters."""
+    if layer.__dict__.get("_bt_precision", "fp32") == "fp32":
+        return tensors
+    device = tensors.out_proj_weight.device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    sources = [getattr(tensors, name) for name in _MATMUL_TENSORS]
+    key = (dtype,) + tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+    cached = layer.__dict__.get("_bt_cast_weights")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            copies = [None if t is None or not t.is_floating_point() else t.detach().to(dtype) for t in sources]
+        layer.__dict__["_bt_cast_weights"] = cached = (key, copies)
+    return dataclasses.replace(tensors, **dict(zip(_MATMUL_TENSORS, cached[1])))
+
+
 def _stats(layer) -> LayerStats:
     stats = layer.__dict__.get("_bt_stats")
     if stats is None:
@@ -381,7 +408,7 @@ def _run(kernel, layer, carrier, state, named: dict):
     """`(out, tail, reason)`: one layer on the packed carrier, and what the stock layer returns
     after its hidden states (`tail`, None for a plain tensor); a layer-code call may refuse."""
     if not _runs_own_code(kernel):
-        tensors = layer_tensors(layer)
+        tensors = _cast_for_autocast(layer, layer_tensors(layer))
         items, reason = returned_items(layer, tensors.out_proj_weight, tensors.embed_dim, named,
                                        (mask_name(layer), layer._bt_spec.score_bias))
         if reason:
