@@ -103,7 +103,10 @@ def test_grad_enabled_falls_back(model_dir):
         assert all(f1 == f0 + 1 for (f0, _), (f1, _) in zip(before, counts(conv)))
 
 
-def test_autocast_falls_back(model_dir):
+def test_autocast_is_served_and_only_fastpath_falls_back_under_it(model_dir):
+    """Under autocast `auto` runs packed (fastpath's fused kernel computes in its weights' dtype):
+    fused, and what stock computes under the same autocast; `kernel="fastpath"` falls back with
+    the reason."""
     stock, conv = pair(model_dir)
     ids, mask = padded_batch(LENGTHS, seed=1)
     before = counts(conv)
@@ -112,8 +115,15 @@ def test_autocast_falls_back(model_dir):
         want = run(stock, ids, mask).last_hidden_state
     assert got.dtype == want.dtype
     assert max_diff_on_real(got.float(), want.float(), mask) <= 1e-2
-    assert_fell_back(conv, before, "autocast")
-    assert_fused_again(conv, stock)
+    assert all(f1 == f0 + 1 and b1 == b0 for (f0, b0), (f1, b1) in zip(before, counts(conv)))
+    assert all(report.kernel == "packed" for report in reports(conv))
+    _, fast = pair(model_dir, kernel="fastpath")
+    before = counts(fast)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(fast, ids, mask).last_hidden_state
+    assert max_diff_on_real(got.float(), want.float(), mask) <= 1e-2
+    assert_fell_back(fast, before, "autocast was enabled on cpu (fastpath")
+    assert_fused_again(fast, stock)
 
 
 # ----------------------------------------------------------------------------- recorded outputs
