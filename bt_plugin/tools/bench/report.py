@@ -29,7 +29,7 @@ def _row_cells(case: CaseResult, row: CandidateResult) -> list[str]:
     spread = f"{_ms(min(row.times_ms))}–{_ms(max(row.times_ms))}" + (" noisy" if row.noisy else "")
     return [
         row.label, _ms(row.median_ms), spread,
-        "-" if ratio is None else f"{ratio:.2f}x", f"{case.real_fraction:.0%}", "-" if ratio is None else f"{ratio * case.real_fraction:.0%}",
+        "-" if ratio is None else f"{ratio:.2f}x", f"{case.real_fraction:.0%}", "-" if case.of_ideal(row) is None else f"{case.of_ideal(row):.0%}",
         "-" if case.of_limit(row) is None else f"{case.of_limit(row):.0%}", diff, calls,
     ]
 
@@ -96,8 +96,8 @@ def machine_line(results: BenchResults) -> str:
             f"transformers {m['transformers']}, Python {m['python']}, {m['date']}; CPU native precisions: "
             f"{', '.join(m.get('native_precisions') or []) or 'none'}; {_precisions(s)}, "
             f"`torch.inference_mode()`, median of {s.repeats} interleaved runs"
-            f"{' (--quick)' if s.quick else ''}; ratio = stock median / candidate median; of ideal = ratio / "
-            f"(1 / real-token fraction); of limit = the real tokens' FLOPs per second / the matrix-multiply "
+            f"{' (--quick)' if s.quick else ''}; ratio = fp32 stock median / candidate median; of ideal = the "
+            f"speed-up over stock in the same precision (autocast for precision='bf16') / (1 / real-token fraction); of limit = the real tokens' FLOPs per second / the matrix-multiply "
             f"rate this process measured on the same shapes just before, in the dtype the row computes in "
             f"(bt_plugin.tools.bench.limit); vs fp32 stock = max abs diff on real tokens (fp32 rows), min cosine "
             f"of mean-pooled outputs (reduced precision).")

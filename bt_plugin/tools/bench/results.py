@@ -96,6 +96,14 @@ class CaseResult:
             return None
         return stock.median_ms / row.median_ms
 
+    def of_ideal(self, row: CandidateResult) -> float | None:
+        """The speed-up over stock computing in the same precision (precision='bf16' computes what
+        stock does under autocast), times the real-token fraction: 100 % removes exactly the padding."""
+        same = self.row("stock", "autocast" if row.precision == "bf16" else row.precision)
+        if not (same and same.median_ms and row.median_ms):
+            return None
+        return same.median_ms / row.median_ms * self.real_fraction
+
     def of_limit(self, row: CandidateResult) -> float | None:
         """The candidate's rate on the real tokens' FLOPs / the measured matrix-multiply rate."""
         rate = row.matmul_gflops or self.matmul_gflops
@@ -153,7 +161,7 @@ class BenchResults:
             for row, raw_row in zip(case.rows, raw["rows"]):
                 ratio = case.ratio(row)
                 raw_row.update(median_ms=row.median_ms, ratio_to_stock=ratio, exact=row.exact, noisy=row.noisy,
-                               share_of_ideal=None if ratio is None else ratio * case.real_fraction,
+                               share_of_ideal=case.of_ideal(row),
                                share_of_limit=case.of_limit(row))
         data["problems"] = self.problems()
         return data
