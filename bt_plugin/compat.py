@@ -33,6 +33,9 @@ _CAPTURE_HOOK_MODULE = "transformers.utils.output_capturing"
 
 # Layer arguments that an older transformers version named differently: {name in the specs: (older names)}.
 ARGUMENT_RENAMES = {"attention_mask": ("attn_mask",)}
+# The name a decoder layer takes its KV cache by: `cache` (5.2x), `past_key_values` (5.0 ...),
+# `past_key_value` (4.x).
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
 
 
 @lru_cache(maxsize=1)

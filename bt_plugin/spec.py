@@ -43,10 +43,10 @@ class EncoderSpec:
         reads_padding: Whether the model reads the layer output at padded positions (SigLIP text
             pools the last position): then padded rows are computed exactly as stock does (no
             padding removed from the dense work, keys still masked), which `packed` can do.
-        head_reads: `(class-name suffix, "every" | "first")` pairs: task heads of this family that
-            read the encoder output at padded positions without the mask (CTC decodes every
-            frame; a classifier on the first token reads position 0, padding in a left-padded
-            row). A converted model whose class name ends with a suffix gets those padded rows
+        head_reads: `(class-name suffix, "every" | "first" | "last")` pairs: task heads of this
+            family that read the encoder output at padded positions without the mask (CTC decodes
+            every frame; a classifier on the first token reads position 0, padding in a left-padded
+            row; a causal LM's next-token logits read the last position). A converted model whose class name ends with a suffix gets those padded rows
             computed as stock (see `bt_plugin.dispatch.heads`); first match wins.
         attention_interface: Whether the layer computes attention through transformers' attention
             interface (`ALL_ATTENTION_FUNCTIONS`): True, or the transformers versions in which it
@@ -77,6 +77,12 @@ class EncoderSpec:
             (ModernBERT's layers took a separate sliding-window mask before 5.1). None: every
             version that has the layer classes.
         config_checks: Callables `config -> reason | None`; a reason leaves the model stock.
+        fills_cache: Whether the layer may be handed a KV cache that it fills (decoder layers used
+            as encoders: the model makes a fresh cache when `use_cache` defaults to on). An
+            empty cache is served: the layer-code path stores each key and value at stock's
+            `(B, H, L, D)` positions (zeros at padded ones), so the returned cache continues
+            generation as stock's does. A non-empty cache (a decoding step) runs stock.
+        layer_index: Path of the layer's index into the cache (`self_attn.layer_idx`).
         layer_checks: Callables `layer -> reason | None` run on every call (for settings a
             model can switch at run time); a reason runs the stock forward for that call.
 
@@ -119,6 +125,8 @@ class EncoderSpec:
     transformers: str | None = None
     config_checks: tuple[ConfigCheck, ...] = field(default=())
     layer_checks: tuple[Callable[[Any], "str | None"], ...] = field(default=())
+    fills_cache: bool = False
+    layer_index: str = "self_attn.layer_idx"
     layout: dict[str, Any] | None = field(default=None, compare=False)  # set on an other-layout variant
 
     @property

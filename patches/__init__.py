@@ -6,4 +6,4 @@ they are found however bt_plugin was installed; third-party families arrive thro
 entry-point group `bt_plugin.patches` (see `bt_plugin.loading.registry`).
 """
 
-BUILTIN_FAMILIES = ("bert", "text", "vision", "audio", "seq2seq", "rotary", "relative")
+BUILTIN_FAMILIES = ("bert", "text", "vision", "audio", "seq2seq", "rotary", "relative", "decoder")

@@ -41,6 +41,8 @@ OVERRIDES: dict[str, dict] = {
     # video models: few frames, small tubelets
     "vivit": dict(num_frames=4, tubelet_size=[2, 8, 8], image_size=32),
     "videomae": dict(num_frames=4, tubelet_size=2, image_size=32),
+    # no default head size (its checkpoints set one)
+    "ministral": dict(head_dim=32),
 }
 
 # family -> config values that make a model type build that family's layers rather than another's
@@ -50,15 +52,16 @@ FAMILY_OVERRIDES: dict[str, dict] = {
 
 # Heads drawn besides the base model: those whose outputs read padded positions come first
 HEADS = ("AutoModelForQuestionAnswering", "AutoModelForSequenceClassification", "AutoModelForTokenClassification",
-         "AutoModelForCTC", "AutoModelForAudioFrameClassification", "AutoModelForImageClassification")
+         "AutoModelForCTC", "AutoModelForAudioFrameClassification", "AutoModelForImageClassification",
+         "AutoModelForCausalLM")  # the last for decoder families only (see model_classes)
 
 
 def _sizes(config) -> dict:
     """The config values that make `config`'s model small (sub-configs as dicts of their own)."""
     known = set(config.to_dict()) | set(getattr(config, "attribute_map", {}))
     values = {name: value for name, value in SIZES.items() if name in known}
-    if "num_key_value_heads" in known:
-        values["num_key_value_heads"] = SIZES["num_attention_heads"]
+    if "num_key_value_heads" in known:  # grouped-query heads: 2 query heads share 1 key/value head
+        values["num_key_value_heads"] = 1
     if "image_size" in known and isinstance(getattr(config, "image_size"), int):
         values["image_size"] = 32
     if "vocab_size" in known and isinstance(config.vocab_size, int) and config.vocab_size > VOCAB:
@@ -85,6 +88,8 @@ def example_config(model_type: str, family: str | None = None):
         config = type(getattr(parent, f"{tower}_config"))
         return config(**{**getattr(parent, f"{tower}_config").to_dict(), **values})
     defaults = transformers.AutoConfig.for_model(model_type)
+    if getattr(defaults, "pad_token_id", 0) is None and _fills_cache(defaults):
+        values.setdefault("pad_token_id", 0)  # a decoder classifier finds each row's last token by it
     return transformers.AutoConfig.for_model(model_type, **{**_sizes(defaults), **values})
 
 
@@ -95,6 +100,8 @@ def model_classes(config) -> dict[str, type]:
     # an encoder-decoder's heads read the decoder (at its end-of-sequence tokens, over its
     # positions), which needs inputs of their own: the base model reads the encoder already
     heads = () if getattr(config, "is_encoder_decoder", False) else HEADS
+    if not _fills_cache(config):  # an encoder's causal-LM class is a decoder configuration it refuses
+        heads = tuple(head for head in heads if head != "AutoModelForCausalLM")
     for name in ("AutoModel",) + heads:
         auto = getattr(transformers, name, None)
         try:
@@ -105,6 +112,12 @@ def model_classes(config) -> dict[str, type]:
     if "base" not in found:
         found["base"] = getattr(transformers, type(config).__name__.replace("Config", "Model"))
     return found
+
+
+def _fills_cache(config) -> bool:
+    from bt_plugin.loading import registry
+
+    return any(spec.fills_cache for spec in registry.specs_for_model_type(config.model_type))
 
 
 def is_seq2seq(model) -> bool:

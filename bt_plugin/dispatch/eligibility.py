@@ -156,6 +156,28 @@ def call_reason(hidden, named: dict, mask_name: str = "attention_mask", handled:
     return None
 
 
+def cache_reason(layer: nn.Module, named: dict) -> str | None:
+    """Why a layer that fills its KV cache cannot serve this call's cache: only an empty one (the
+    model's fresh cache of a plain forward, a prefill) is filled padding-free."""
+    from bt_plugin.compat import CACHE_ARGUMENTS
+    from bt_plugin.spec import resolve_path
+
+    for name in CACHE_ARGUMENTS:
+        cache = named.get(name)
+        if cache is None:
+            continue
+        length = getattr(cache, "get_seq_length", None)
+        if length is None or not callable(getattr(cache, "update", None)):
+            return f"{name} was a {type(cache).__name__}, not a transformers Cache"
+        try:
+            index = int(resolve_path(layer, layer._bt_spec.layer_index))
+        except (AttributeError, TypeError, ValueError):
+            return f"the layer has no cache index at {layer._bt_spec.layer_index}"
+        if length(index):
+            return f"{name} already held {length(index)} positions (decoding steps run stock)"
+    return None
+
+
 def layer_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor, kernel) -> str | None:
     """Reasons that belong to one layer: mode, grad, hooks, replaced modules, dtype/device."""
     return mode_reason(layer, spec, hidden) or fused_reason(layer, spec, hidden, kernel)

@@ -22,6 +22,7 @@ from torch import nn
 
 EVERY_POSITION = "every"
 FIRST_POSITION = "first"
+LAST_POSITION = "last"  # a causal LM's next-token logits, a decoder classifier's last token
 EMPTY_ROWS = "empty rows"  # every position of a row that has no real token
 
 
@@ -38,6 +39,8 @@ class PaddedReads:
             return True
         if self.where == EMPTY_ROWS:
             return not bool(keep.any(dim=1).all())
+        if self.where == LAST_POSITION:
+            return not bool(keep[:, -1].all())
         return self.where == FIRST_POSITION and not bool(keep[:, 0].all())
 
     def describe(self) -> str:
@@ -47,6 +50,8 @@ class PaddedReads:
             return f"zeros, except computed as stock when a row's first position is padding ({self.why})"
         if self.where == EMPTY_ROWS:
             return f"zeros, except computed as stock when a row has no real token ({self.why})"
+        if self.where == LAST_POSITION:
+            return f"zeros, except computed as stock when a row's last position is padding ({self.why})"
         return "zeros (nothing in the model reads them without the attention mask)"
 
 
@@ -59,7 +64,7 @@ def padded_reads(model: nn.Module, spec=None) -> PaddedReads:
         return PaddedReads(EVERY_POSITION, f"{name} reads padded positions (its {spec.name} spec says so)")
     for suffix, where in (spec.head_reads if spec is not None else ()):
         if name.endswith(suffix):
-            return PaddedReads(where, f"{name}'s head reads {'every' if where == EVERY_POSITION else 'the first'} position")
+            return PaddedReads(where, f"{name}'s head reads {where if where == EVERY_POSITION else 'the ' + where} position")
     pooler = next((path for path, module in model.named_modules() if path.rpartition(".")[2] == "pooler"), None)
     if pooler is not None:
         return PaddedReads(FIRST_POSITION, f"{name}.{pooler} reads the first position")

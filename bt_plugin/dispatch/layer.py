@@ -22,7 +22,9 @@ from torch import nn
 
 from bt_plugin.dispatch.activations import activation_name
 from bt_plugin.compat import capture_wrapped, recorded_outputs
-from bt_plugin.dispatch.eligibility import call_reason, fused_reason, layer_code_reason, layer_code_serves, mode_reason
+from bt_plugin.compat import CACHE_ARGUMENTS
+from bt_plugin.dispatch.eligibility import (cache_reason, call_reason, fused_reason, layer_code_reason, layer_code_serves,
+                                            mode_reason)
 from bt_plugin.dispatch.heads import PaddedReads, padded_reads
 from bt_plugin.kernels.binned import BINNED, run_binned
 from bt_plugin.dispatch.calls import bind, mask_name, returned_items
@@ -451,7 +453,10 @@ def _eligible(layer, hidden, named: dict, mask):
     stock forward must run."""
     spec = layer._bt_spec
     handled = spec.layer_kwargs + spec.pass_through + ((spec.score_bias,) if spec.score_bias else ())
+    if spec.fills_cache:
+        handled += CACHE_ARGUMENTS
     reason = call_reason(hidden, named, mask_name(layer), handled)
+    reason = reason or (cache_reason(layer, named) if spec.fills_cache else None)
     reason = reason or _bias_reason(_score_bias(layer, named), hidden.size(0), hidden.size(1))
     if reason:
         return None, None, None, reason

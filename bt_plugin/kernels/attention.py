@@ -42,7 +42,7 @@ _install_lock = threading.Lock()
 _installed = False
 # Keyword arguments of an attention call that change its math in ways packed_attention does not
 # compute; a call that passes one with a value is recorded and the layer is re-run stock.
-_UNSUPPORTED = ("softcap", "s_aux", "sinks")
+_UNSUPPORTED = ("s_aux", "sinks")
 
 
 def packed_attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None, **kwargs):
@@ -54,8 +54,10 @@ def packed_attention(module, query, key, value, attention_mask=None, dropout=0.0
         if kwargs.get(name) is not None:
             segments.unsupported.append(f"the attention call passed {name}")
     gqa = query.shape[1] != key.shape[1]
+    softcap = kwargs.get("softcap")
+    attend = _softcapped(softcap) if softcap is not None else F.scaled_dot_product_attention
     outs = [
-        F.scaled_dot_product_attention(
+        attend(
             query[:, :, start:start + count], key[:, :, start:start + count], value[:, :, start:start + count],
             attn_mask=mask, scale=scaling, enable_gqa=gqa,
         )
@@ -63,6 +65,24 @@ def packed_attention(module, query, key, value, attention_mask=None, dropout=0.0
     ]
     out = torch.cat(outs, dim=2) if outs else query.new_zeros(query.shape)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _softcapped(softcap: float):
+    """Attention with the scores soft-capped, `tanh(scores / softcap) * softcap`, before the mask,
+    as Gemma 2's eager attention computes it (SDPA has no soft-capping)."""
+
+    def attend(query, key, value, attn_mask=None, scale=None, enable_gqa=False):
+        if enable_gqa:
+            repeats = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(repeats, dim=1), value.repeat_interleave(repeats, dim=1)
+        scores = torch.matmul(query, key.transpose(2, 3)) * (scale if scale is not None else query.shape[-1] ** -0.5)
+        scores = torch.tanh(scores / softcap) * softcap
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        return torch.matmul(weights, value)
+
+    return attend
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bt_plugin.kernels.attention import Segments, attending_within
+from bt_plugin.compat import CACHE_ARGUMENTS
 from bt_plugin.dispatch.calls import mask_name
 
 # An additive mask entry at or below this is "masked" (as in bt_plugin.dispatch.masks).
@@ -146,6 +147,29 @@ class LayerCodeKernel(OwnCodeKernel):
 LAYER_CODE = LayerCodeKernel()
 
 
+class UnpackingCache:
+    """An empty KV cache as a layer running on packed tokens hands it keys and values: stored at
+    stock's `(B, H, L, D)` positions (zeros at padded ones, which every later step masks), while
+    the layer attends over the packed ones it computed. Everything else goes to the real cache."""
+
+    def __init__(self, cache, state: LayerCodeState):
+        self._bt_cache, self._bt_state = cache, state
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self._bt_cache.update(self._unpack(key_states), self._unpack(value_states), layer_idx, *args, **kwargs)
+        return key_states, value_states  # the cache was empty: attention sees exactly these
+
+    def _unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        state = self._bt_state
+        _, heads, _, size = packed.shape  # (1, H, T, D)
+        flat = packed[0].transpose(0, 1).reshape(-1, heads * size)
+        out = flat.new_zeros(state.batch * state.length, heads * size).index_copy_(0, state.rows, flat)
+        return out.view(state.batch, state.length, heads, size).transpose(1, 2)
+
+    def __getattr__(self, name):
+        return getattr(self._bt_cache, name)
+
+
 def run_layer(layer, carrier: torch.Tensor, state: LayerCodeState, named: dict):
     """`(output, reason)`: the stock forward of `layer` on the packed tokens, or a reason: then the
     caller runs the stock forward on the padded batch. A reason with `output` None concerns this
@@ -159,6 +183,10 @@ def run_layer(layer, carrier: torch.Tensor, state: LayerCodeState, named: dict):
     arguments = {key: (LAYER_CODE.packed_argument(value, state) if key in spec.layer_kwargs else value)
                  for key, value in named.items() if not key.startswith("*")}
     arguments[name] = None
+    if spec.fills_cache:
+        for key in CACHE_ARGUMENTS:
+            if arguments.get(key) is not None:
+                arguments[key] = UnpackingCache(arguments[key], state)
     segments = Segments(segments.spans, segments.masks)  # a fresh call counter
     with attending_within(segments):
         out = layer._bt_stock_class.forward(layer, carrier, **arguments)
