@@ -19,6 +19,10 @@
   t5/mt5, handed on through the loop with the mask added. The blocks run their own code on bins
   (`binned`): the bias computed for the bins' length with the bins' block-diagonal mask added,
   returned and handed on like stock's. The decoder's blocks share the class and stay stock.
+- roformer: rotary position embeddings (`sinusoidal_pos`, computed once by the encoder for the
+  padded length) applied to queries and keys in the attention's own eager code: scores depend on
+  i - j only, so its layers run on bins (`binned`) with the same `sinusoidal_pos`. Rotating the
+  values too (`rotary_value=True`) makes outputs depend on absolute positions: such models stay stock.
 """
 
 from bt_plugin.patches.bert import ENCODER_ONLY, TEXT_HEAD_READS
@@ -85,4 +89,23 @@ UMT5 = EncoderSpec(
     conversion_checks=(_encoder_block,),
 )
 
-SPECS: list[EncoderSpec] = [MPNET, DEBERTA, T5, UMT5]
+
+
+def _no_rotary_value(config) -> str | None:
+    if getattr(config, "rotary_value", False):
+        return "config.rotary_value was True (rotary values make outputs depend on absolute positions)"
+    return None
+
+
+ROFORMER = EncoderSpec(
+    name="roformer",
+    model_types=("roformer",),
+    layer_classes=(f"{_MODELS}.roformer.modeling_roformer.RoFormerLayer",),
+    binned=True,
+    pass_through=("sinusoidal_pos",),
+    head_reads=TEXT_HEAD_READS,
+    config_checks=(ENCODER_ONLY, _no_rotary_value),
+)
+
+
+SPECS: list[EncoderSpec] = [MPNET, DEBERTA, T5, UMT5, ROFORMER]

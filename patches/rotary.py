@@ -20,8 +20,8 @@ each layer's own mask is restricted to each sequence's real tokens).
   specs are limited to the versions they describe (`transformers=`): before, the registry skips
   them with a reason and the models stay stock. GTE, NomicBERT, Jina v3 and EuroBERT arrived
   (5.3 - 5.18) with today's convention.
-- roformer: examined, not registered: its self-attention is its own eager code (no attention
-  interface), so packed tokens would attend across sequences.
+- roformer: its self-attention is its own eager code (no attention interface), so it is served by
+  `binned` instead (patches/relative.py).
 """
 
 from bt_plugin.patches.bert import ENCODER_ONLY, TEXT_HEAD_READS

@@ -148,6 +148,8 @@ BINNED_CASES = {
     "umt5": ("UMT5Config", dict(vocab_size=support.VOCAB, d_model=256, d_kv=64, d_ff=1024, num_layers=3,
                                 num_decoder_layers=2, num_heads=4, decoder_start_token_id=0),
              "UMT5EncoderModel", ("UMT5ForConditionalGeneration",)),
+    "roformer": ("RoFormerConfig", dict(CONFIG), "RoFormerModel",
+                 ("RoFormerForSequenceClassification", "RoFormerForTokenClassification")),
 }
 
 
@@ -289,3 +291,9 @@ def test_binned_refuses_a_mask_that_is_not_key_padding(binned_pairs):
     assert after.fused_calls == before.fused_calls + 1 and after.fallback_calls == before.fallback_calls
     assert after.kernel == "binned" and after.reason is None
     close(expected.last_hidden_state, actual.last_hidden_state, mask)
+
+
+def test_roformer_with_rotary_values_stays_stock_with_the_reason():
+    config = transformers.RoFormerConfig(**dict(CONFIG, rotary_value=True))
+    with pytest.raises(ValueError, match="rotary_value was True"):
+        bt_plugin.convert(transformers.RoFormerModel(config).eval())

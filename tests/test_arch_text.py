@@ -532,7 +532,7 @@ def test_decoder_flags_give_a_reason(model_type, flag):
 # model types examined and left out of patches/text.py (see its docstring for the reasons)
 REJECTED = (
     "flava_text_model", "canine", "big_bird",
-    "ibert", "xmod", "layoutlmv2", "layoutlmv3", "lilt", "bros", "luke", "roformer",
+    "ibert", "xmod", "layoutlmv2", "layoutlmv3", "lilt", "bros", "luke",
     "convbert", "mobilebert", "squeezebert", "funnel", "longformer", "nystromformer", "yoso", "mra",
     "ultrabert",
     "bridgetower_text_model", "xlm", "flaubert",
