@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bt_plugin.tools.bench.settings import (RERANK_PASSAGES, SWEEP_BATCH, SWEEP_FRACTIONS, TEXT_BATCH, TEXT_MAX_LENGTH,
-                                            WORKLOADS, Settings)
+from bt_plugin.tools.bench.settings import (RERANK_PASSAGES, SHAPES, SWEEP_BATCH, SWEEP_FRACTIONS, TEXT_BATCH,
+                                            TEXT_MAX_LENGTH, WORKLOADS, Settings)
 
 
 @dataclass
@@ -49,16 +49,21 @@ class Case:
         return f"{len(self.masks)} x {'/'.join(map(str, sorted(rows)))} x {lengths}"
 
 
-def text_cases(shape: str, batches: int, tokenizer, seed: int) -> list[Case]:
-    """Batches of real paragraphs, drawn seeded and shuffled, padded to the longest of each batch."""
+def text_cases(shape: str, batches: int, tokenizer, seed: int, padding_side: str = "right") -> list[Case]:
+    """Batches of real paragraphs, drawn seeded and shuffled, padded to the longest of each batch
+    (on the shape's side: decoder embedders pad on the left)."""
     from bt_plugin.tools import corpus
 
     texts = corpus.sample(batches * TEXT_BATCH, seed)
-    encoded = [
-        dict(tokenizer(texts[i:i + TEXT_BATCH], padding="longest", truncation=True,
-                       max_length=TEXT_MAX_LENGTH, return_tensors="pt"))
-        for i in range(0, len(texts), TEXT_BATCH)
-    ]
+    side, tokenizer.padding_side = tokenizer.padding_side, padding_side
+    try:
+        encoded = [
+            dict(tokenizer(texts[i:i + TEXT_BATCH], padding="longest", truncation=True,
+                           max_length=TEXT_MAX_LENGTH, return_tensors="pt"))
+            for i in range(0, len(texts), TEXT_BATCH)
+        ]
+    finally:
+        tokenizer.padding_side = side
     return [Case(shape, "text", encoded)]
 
 
@@ -110,7 +115,7 @@ def build_cases(shape: str, workload: str, tokenizer, settings: Settings, vocab:
     """The cases of one workload on one shape (the sweep gives one case per fraction)."""
     seed = settings.seed
     if workload == "text":
-        return text_cases(shape, settings.text_batches, tokenizer, seed)
+        return text_cases(shape, settings.text_batches, tokenizer, seed, SHAPES[shape].padding_side)
     if workload == "rerank":
         return rerank_cases(shape, settings.text_batches, seed)
     if workload == "no-padding":

@@ -20,6 +20,8 @@ class Unavailable(Exception):
 def model_source(shape: str, workdir: Path, seed: int) -> str:
     """A checkpoint directory for the shape: the real MiniLM, or random weights saved once."""
     spec = SHAPES[shape]
+    if spec.reranker and spec.config is not None:
+        return causal_reranker_source(spec, workdir / shape, seed)
     if spec.reranker:
         return reranker_source(workdir / shape, seed)
     if spec.config is None:
@@ -50,6 +52,23 @@ def reranker_source(target: Path, seed: int) -> str:
         finally:
             hf_logging.set_verbosity(verbosity)
         AutoTokenizer.from_pretrained(str(minilm_dir())).save_pretrained(str(target))
+    return str(target)
+
+
+def causal_reranker_source(spec: Shape, target: Path, seed: int) -> str:
+    """A causal LM of the shape's config with random weights from `seed`, saved with the MiniLM
+    tokenizer (padding on the left): sentence-transformers loads it as a CrossEncoder scored by
+    LogitScore (yes/no logits at the last token)."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    if not target.exists():
+        torch.manual_seed(seed)
+        config = getattr(transformers, spec.config_class)(**spec.config)
+        getattr(transformers, spec.model_class)(config).save_pretrained(str(target))
+        tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
+        tokenizer.padding_side = "left"
+        tokenizer.save_pretrained(str(target))
     return str(target)
 
 

@@ -64,7 +64,9 @@ class Shape:
     adapter: bool = False  # every candidate gets the same unmerged LoRA adapter (see with_adapter)
     candidates: tuple[str, ...] | None = None  # None: every selected candidate
     attn_implementation: str | None = None  # for every candidate (a model without sdpa: "eager")
-    reranker: bool = False  # a CrossEncoder over the real checkpoint with a seeded one-label head
+    reranker: bool = False  # a CrossEncoder: the real checkpoint with a seeded one-label head, or (with a
+    # config) a causal LM of that shape scored by LogitScore on yes/no at the last token
+    padding_side: str = "right"  # of the text workload's batches (decoder embedders pad on the left)
 
     def runs(self, candidate: str) -> bool:
         return self.candidates is None or candidate in self.candidates
@@ -109,6 +111,26 @@ SHAPES: dict[str, Shape] = {
     "gte-small": Shape("gte-small", dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024,
                                          num_hidden_layers=2), memory=False, config_class="GteConfig",
                        model_class="GteModel", candidates=("stock", "packed")),
+    # Decoder backbones used as encoders (random weights, the MiniLM tokenizer's vocabulary, left
+    # padding as Qwen3-Embedding pads): Qwen3-0.6B's layer shape with 4 of its 28 layers, and
+    # EmbeddingGemma-300m's (bidirectional Gemma 3) with 6 of its 24 (five sliding-window layers, one full).
+    "qwen3-0.6b": Shape("qwen3-0.6b", dict(vocab_size=30522, hidden_size=1024, intermediate_size=3072,
+                                           num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8,
+                                           head_dim=128, pad_token_id=0, tie_word_embeddings=True),
+                        ("text", "no-padding", "batch1"), memory=False, config_class="Qwen3Config",
+                        model_class="Qwen3Model", candidates=("stock", "packed"), padding_side="left"),
+    "embeddinggemma-300m": Shape("embeddinggemma-300m", dict(vocab_size=30522, hidden_size=768, intermediate_size=1152,
+                                                             num_hidden_layers=6, num_attention_heads=3,
+                                                             num_key_value_heads=1, head_dim=256, sliding_window=512,
+                                                             use_bidirectional_attention=True, pad_token_id=0),
+                                 ("text", "no-padding", "batch1"), memory=False, config_class="Gemma3TextConfig",
+                                 model_class="Gemma3TextModel", candidates=("stock", "packed"), padding_side="left"),
+    # Qwen3-Reranker's layout: sentence-transformers' CrossEncoder on a Qwen3 causal LM (the shape above)
+    "qwen3-reranker": Shape("qwen3-reranker", dict(vocab_size=30522, hidden_size=1024, intermediate_size=3072,
+                                                   num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8,
+                                                   head_dim=128, pad_token_id=0, tie_word_embeddings=True),
+                            ("rerank",), memory=False, config_class="Qwen3Config", model_class="Qwen3ForCausalLM",
+                            candidates=("stock", "packed"), reranker=True),
     # Undocumented, for the smoke test: the real vocabulary (the text workload's token ids), tiny layers.
     "tiny": Shape("tiny", dict(hidden_size=32, num_attention_heads=2, intermediate_size=64,
                                num_hidden_layers=2), public=False),
