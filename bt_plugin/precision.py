@@ -101,8 +101,11 @@ def computing_in(dtype: torch.dtype | None, device_type: str):
     return nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
+_SHORT_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
 def precision_label(hidden) -> str | None:
-    """What a layer call with these hidden states computes in: `bf16 (autocast)` or `float32`."""
+    """What a layer call with these hidden states computes in: `bf16 (autocast)` or `fp32`."""
     if not isinstance(hidden, torch.Tensor):
         return None
     device = hidden.device.type
@@ -112,4 +115,5 @@ def precision_label(hidden) -> str | None:
 
 
 def _short(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype).replace("torch.", ""))
+    name = _SHORT_NAMES.get(dtype)
+    return name if name is not None else str(dtype).replace("torch.", "")

@@ -366,8 +366,8 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict):
         return _continue_packed(layer, frame, args, kwargs)
     named = bind(layer._bt_stock_class, args, kwargs)
     mask = named.get(mask_name(layer))
-    served = layer_code_serves(layer, layer._bt_spec) if mask is None and not layer.training else None
-    if served:
+    served = layer_code_serves(layer, layer._bt_spec) if not layer.training else None
+    if served and (mask is None or _nothing_padded(layer, hidden, mask)):
         # no padding and no fused kernel for this layer: its stock code is the padding-free path
         # (skipping the per-call checks keeps unpadded batches as fast as stock)
         _stats(layer).fused(_own_code_kernel(layer._bt_spec).name, served)
@@ -398,6 +398,16 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict):
         frame.carrier, frame.state, frame.kernel = out, state, kernel
         return _returned(layer, out, packed=True, tail=tail)  # the next layer continues
     return _returned(layer, kernel.unpack(out, state), tail=tail)
+
+
+def _nothing_padded(layer, hidden, mask) -> bool:
+    """Whether a mask the layer-code paths read keeps every position (every key is attended by
+    some query of its row): then the layer's own code on the batch is already padding-free."""
+    spec = layer._bt_spec
+    if spec.sequence_first or spec.mask_marks_padding or not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        return False
+    keep, reason = LAYER_CODE.keep_mask(mask, hidden.size(0), hidden.size(1))
+    return keep is None and reason is None
 
 
 def _stock(layer, reason: str, hidden, args: tuple, kwargs: dict):
