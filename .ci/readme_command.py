@@ -1,6 +1,7 @@
 """Print one of the README's shell commands, so CI runs exactly what the README tells a reader.
 
-`quickstart`: the first ```bash block of the "## Quick start" section; `tests`: its second.
+`quickstart`: the first ```bash block of the "## Quick start" section; `tests`: its second;
+`server-install` and `server`: the first and second of the "## Servers" section.
 """
 
 import re
@@ -8,7 +9,8 @@ import sys
 from pathlib import Path
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-WHICH = {"quickstart": 0, "tests": 1}
+WHICH = {"quickstart": ("Quick start", 0), "tests": ("Quick start", 1),
+         "server-install": ("Servers", 0), "server": ("Servers", 1)}
 
 
 def section(text: str, heading: str) -> str:
@@ -18,8 +20,9 @@ def section(text: str, heading: str) -> str:
 
 
 def main(which: str) -> None:
-    blocks = re.findall(r"```bash\n(.*?)```", section(README.read_text(), "Quick start"), flags=re.S)
-    command = blocks[WHICH[which]].strip()
+    heading, index = WHICH[which]
+    blocks = re.findall(r"```bash\n(.*?)```", section(README.read_text(), heading), flags=re.S)
+    command = blocks[index].strip()
     assert "\n" not in command, f"the README's {which} command should be one line: {command!r}"
     print(command)
 
