@@ -80,10 +80,13 @@ class FusedLayer:
                     _stats(self).last_precision = precision_label(hidden_states)
                 return _in_dtype(self, out, hidden_states.dtype)
             except RuntimeError as error:  # the layer's own code cannot run under autocast: as loaded
-                refused = self.__dict__["_bt_precision_reason"] = (
-                    f"its code raised under autocast {str(dtype).replace('torch.', '')}: {error}")
+                refused = f"its code raised under autocast {str(dtype).replace('torch.', '')}: {error}"
                 if frame is not None:
                     frame.carrier, frame.state, frame.kernel = saved
+                out = _dispatch(self, hidden_states, args, kwargs)  # a call that fails as loaded too raises here
+                self.__dict__["_bt_precision_reason"] = refused  # remembered once the call ran as loaded
+                _stats(self).last_precision = f"{precision_label(hidden_states)} ({refused})"
+                return out
         out = _dispatch(self, hidden_states, args, kwargs)
         label = precision_label(hidden_states)
         _stats(self).last_precision = f"{label} ({refused})" if refused and label else label
