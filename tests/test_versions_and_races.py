@@ -144,7 +144,7 @@ def test_a_model_of_an_absent_family_stays_stock_with_the_reason(absent_type, re
 
     config = transformers.CONFIG_MAPPING[absent_type](
         vocab_size=100, hidden_size=64, num_attention_heads=2, intermediate_size=128, num_hidden_layers=2,
-        pad_token_id=0)
+        pad_token_id=0, head_dim=32)  # head_dim: hidden / heads (Ministral's config has no default)
     torch.manual_seed(0)
     transformers.AutoModel.from_config(config).save_pretrained(tmp_path)
     stock = transformers.AutoModel.from_pretrained(tmp_path)
