@@ -31,10 +31,10 @@ CPU_FEATURES = {
     "amx_int8": "AMX-INT8", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI", "bf16": "BF16 (Arm)",
 }
 NATIVE_BF16 = ("amx_bf16", "avx512_bf16", "bf16")
-# What "auto" picks per device type: bf16 on a CPU that computes it natively (measured by
-# `python -m bt_plugin bench --precisions`, see README), fp32 elsewhere, CUDA included until a GPU
-# measurement says otherwise.
-AUTO_PRECISION = {"cpu": "bf16 where native, else fp32", "cuda": "fp32"}
+# What "auto" picks per device type where that device computes it natively (a CPU: NATIVE_BF16;
+# measured by `python -m bt_plugin bench --precisions`, see README); fp32 elsewhere, CUDA and
+# unlisted devices included until a measurement says otherwise.
+AUTO_PRECISION = {"cpu": "bf16", "cuda": "fp32"}
 
 
 def check_precision_name(name: str) -> str:
@@ -66,7 +66,7 @@ def native_precisions(flags: frozenset[str] | None = None) -> list[str]:
 
 def auto_choice(device_type: str = "cpu", flags: frozenset[str] | None = None) -> tuple[str, str]:
     """`(precision, why)`: what `auto` computes in on this device, and the reason."""
-    if device_type != "cpu":
+    if AUTO_PRECISION.get(device_type, "fp32") == "fp32":
         return "fp32", f"auto stays fp32 on {device_type} (only CPUs with native bf16 get bf16)"
     flags = cpu_flags() if flags is None else flags
     native = [CPU_FEATURES[flag] for flag in NATIVE_BF16 if flag in flags]

@@ -11,9 +11,9 @@ from torch import nn
 
 from bt_plugin.dispatch.activations import activation_name
 from bt_plugin.compat import (
-    attention_lookup, capture_wrapped, is_transformers_capture_hook, recorded_outputs, version_in,
+    CACHE_ARGUMENTS, attention_lookup, capture_wrapped, is_transformers_capture_hook, recorded_outputs, version_in,
 )
-from bt_plugin.spec import EncoderSpec, resolve_roles
+from bt_plugin.spec import EncoderSpec, resolve_path, resolve_roles
 
 _LINEARS = ("query", "key", "value", "out_proj", "linear1", "linear2")
 _NORMS = ("norm1", "norm2")
@@ -159,9 +159,6 @@ def call_reason(hidden, named: dict, mask_name: str = "attention_mask", handled:
 def cache_reason(layer: nn.Module, named: dict) -> str | None:
     """Why a layer that fills its KV cache cannot serve this call's cache: only an empty one (the
     model's fresh cache of a plain forward, a prefill) is filled padding-free."""
-    from bt_plugin.compat import CACHE_ARGUMENTS
-    from bt_plugin.spec import resolve_path
-
     for name in CACHE_ARGUMENTS:
         cache = named.get(name)
         if cache is None:

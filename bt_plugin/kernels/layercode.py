@@ -160,11 +160,11 @@ class UnpackingCache:
         return key_states, value_states  # the cache was empty: attention sees exactly these
 
     def _unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        state = self._bt_state
-        _, heads, _, size = packed.shape  # (1, H, T, D)
-        flat = packed[0].transpose(0, 1).reshape(-1, heads * size)
-        out = flat.new_zeros(state.batch * state.length, heads * size).index_copy_(0, state.rows, flat)
-        return out.view(state.batch, state.length, heads, size).transpose(1, 2)
+        """`(1, H, T, D)` packed keys or values -> `(B, H, L, D)`, zeros at padded positions."""
+        _, heads, tokens, size = packed.shape
+        tokens_first = packed.transpose(1, 2).reshape(1, tokens, heads * size)
+        padded = LAYER_CODE.unpack(tokens_first, self._bt_state)  # (B, L, H * D)
+        return padded.view(*padded.shape[:2], heads, size).transpose(1, 2)
 
     def __getattr__(self, name):
         return getattr(self._bt_cache, name)
