@@ -6,6 +6,8 @@ Reasons read `<what> was <value>` (as PyTorch's `why_not_sparsity_fast_path`) an
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 
@@ -182,6 +184,11 @@ def layer_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor, kern
 
 def mode_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor) -> str | None:
     """Reasons no padding-free path may run this call: training, the spec's checks, grad, hooks."""
+    return call_mode_reason(layer, spec, hidden) or hook_reason(layer)
+
+
+def call_mode_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor) -> str | None:
+    """`mode_reason` but the hooks: training, the spec's checks, grad."""
     if layer.training:
         return "the layer was in training mode (model.train())"
     for check in spec.layer_checks:
@@ -190,7 +197,7 @@ def mode_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor) -> st
             return reason
     if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in layer.parameters())):
         return "grad was enabled and parameters require grad (use torch.inference_mode() or torch.no_grad())"
-    return hook_reason(layer)
+    return None
 
 
 def fused_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor, kernel) -> str | None:
@@ -211,23 +218,47 @@ def fused_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor, kern
 
 def hook_reason(layer: nn.Module) -> str | None:
     """User forward (pre-)hooks on the layer or its submodules; transformers' recorders don't count."""
+    return structure_stamp(layer)[1]
+
+
+def structure_stamp(layer: nn.Module) -> tuple[tuple | None, str | None]:
+    """`(stamp, None)`, or `(None, reason)` when user forward hooks are registered on the layer or
+    its submodules or a submodule's forward was replaced on the instance.
+
+    The stamp names what a layer's static checks read: every submodule (identity and class) and
+    every parameter (identity, storage and dtype). Equal stamps mean the same modules holding the
+    same tensors, so a verdict reached for one stamp (the layer's structure, its fused weights)
+    holds for the other; replacing a module, a parameter or its storage (`.to()`, `.half()`,
+    `load_state_dict(assign=True)`, an adapter) changes it. One plain walk per call: named_modules()
+    is too slow to run on every call.
+    """
     from torch.nn.modules import module as module_impl
 
     if module_impl._global_forward_hooks or module_impl._global_forward_pre_hooks:
-        return "global module forward hooks were registered"
-    pending = [layer]
-    while pending:  # a plain walk: named_modules() is too slow to run on every call
+        return None, "global module forward hooks were registered"
+    stamp = []
+    append, pending = stamp.append, [layer]
+    while pending:
         module = pending.pop()
-        if module is not layer and capture_wrapped(module):  # attentions recorded (transformers 4.5x)
+        state = module.__dict__
+        if (state["_forward_hooks"] or state["_forward_pre_hooks"]) and _has_user_hook(module):
             name = next(n for n, m in layer.named_modules() if m is module)
-            if hasattr(module.__dict__["forward"], "__wrapped__"):  # transformers' recording wrapper
-                return f"the call recorded attentions (transformers replaced the forward of {name}; output_attentions=True)"
-            return f"the forward of {name} was replaced on the instance (a fused kernel would skip it)"
-        if (module._forward_hooks or module._forward_pre_hooks) and _has_user_hook(module):
+            return None, f"forward hooks were registered on {name or 'the layer'}"
+        if module is not layer and type(state.get("forward")) is types.FunctionType:  # see compat.capture_wrapped
             name = next(n for n, m in layer.named_modules() if m is module)
-            return f"forward hooks were registered on {name or 'the layer'}"
-        pending.extend(child for child in module._modules.values() if child is not None)
-    return None
+            if hasattr(state["forward"], "__wrapped__"):  # transformers' recording wrapper (4.5x)
+                return None, (f"the call recorded attentions (transformers replaced the forward of {name}; "
+                              "output_attentions=True)")
+            return None, f"the forward of {name} was replaced on the instance (a fused kernel would skip it)"
+        append(id(module))  # ids: a tensor's == compares values (a plan's tensors keep these alive)
+        append(type(module))
+        for param in state["_parameters"].values():
+            if param is not None:
+                append(id(param))
+                append(param.data_ptr())
+                append(param.dtype)
+        pending += state["_modules"].values()
+    return tuple(stamp), None
 
 
 def _has_user_hook(module: nn.Module) -> bool:

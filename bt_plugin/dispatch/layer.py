@@ -23,8 +23,8 @@ from torch import nn
 from bt_plugin.dispatch.activations import activation_name
 from bt_plugin.compat import capture_wrapped, recorded_outputs
 from bt_plugin.compat import CACHE_ARGUMENTS
-from bt_plugin.dispatch.eligibility import (cache_reason, call_reason, fused_reason, layer_code_reason, layer_code_serves,
-                                            mode_reason)
+from bt_plugin.dispatch.eligibility import (cache_reason, call_mode_reason, call_reason, fused_reason, layer_code_reason,
+                                            layer_code_serves, structure_stamp)
 from bt_plugin.dispatch.heads import PaddedReads, padded_reads
 from bt_plugin.kernels.binned import BINNED, run_binned
 from bt_plugin.dispatch.calls import bind, mask_name, returned_items
@@ -99,6 +99,7 @@ class FusedLayer:
         unfuse_qkv(self)
         state = dict(self.__dict__)
         state.pop("_bt_cast_weights", None)  # a cache of casts, rebuilt on first use
+        state.pop("_bt_plan", None)  # the static verdict, found again on first use
         return (_rebuild, (self._bt_stock_class, self._bt_spec.name, self._bt_spec.layout), state)
 
 
@@ -343,15 +344,34 @@ def _runs_own_code(kernel) -> bool:
     return getattr(kernel, "runs_layer_code", False)
 
 
-def path_for(layer, hidden) -> tuple[object | None, str | None, str | None]:
-    """`(kernel, note, reason)` for this call: the chosen fused kernel when it can compute the
-    layer; else the layer's own code on packed tokens (`note` says why) when its spec allows;
-    else `(None, None, reason)`: the stock forward runs."""
-    spec = layer._bt_spec
-    reason = mode_reason(layer, spec, hidden)
+@dataclass
+class _Plan:
+    """A layer's static verdict (`path_for`'s answer past the per-call checks) and its fused
+    weights, valid while `key` (the structure stamp, the kernel and what the input's dtype and
+    device decide) is unchanged: the checks of a stack's layers then cost one module walk each."""
+
+    key: tuple
+    path: tuple
+    tensors: LayerTensors | None = None
+
+
+def _plan(layer, hidden) -> tuple[_Plan | None, str | None]:
+    """`(plan, None)` for this call, or `(None, reason)` for hooks or a replaced forward."""
+    stamp, reason = structure_stamp(layer)
     if reason:
-        return None, None, reason
+        return None, reason
     kernel = _kernel_for(layer, hidden)
+    device = hidden.device
+    key = (stamp, kernel, hidden.dtype, device, torch.is_autocast_enabled(device.type),
+           torch.backends.mha.get_fastpath_enabled(), layer.__dict__.get("_bt_layercode_reason"))
+    plan = layer.__dict__.get("_bt_plan")
+    if plan is None or plan.key != key:
+        plan = layer.__dict__["_bt_plan"] = _Plan(key, _static_path(layer, hidden, kernel))
+    return plan, None
+
+
+def _static_path(layer, hidden, kernel) -> tuple[object | None, str | None, str | None]:
+    spec = layer._bt_spec
     fused = fused_reason(layer, spec, hidden, kernel)
     if fused is None:
         return kernel, None, None
@@ -360,6 +380,29 @@ def path_for(layer, hidden) -> tuple[object | None, str | None, str | None]:
     if not served:  # without a fused layout, why the layer code cannot run says more
         return None, None, refused or (None if spec.has_fused_layout else layer_code_reason(spec)) or fused
     return _own_code_kernel(spec), served, None
+
+
+def path_for(layer, hidden) -> tuple[object | None, str | None, str | None]:
+    """`(kernel, note, reason)` for this call: the chosen fused kernel when it can compute the
+    layer; else the layer's own code on packed tokens (`note` says why) when its spec allows;
+    else `(None, None, reason)`: the stock forward runs."""
+    reason = call_mode_reason(layer, layer._bt_spec, hidden)
+    if reason:
+        return None, None, reason
+    plan, reason = _plan(layer, hidden)
+    if reason:
+        return None, None, reason
+    return plan.path
+
+
+def _layer_tensors(layer) -> LayerTensors:
+    """The layer's kernel tensors from the plan this call's checks validated (read once per plan)."""
+    plan = layer.__dict__.get("_bt_plan")
+    if plan is None:
+        return layer_tensors(layer)
+    if plan.tensors is None:
+        plan.tensors = layer_tensors(layer)
+    return plan.tensors
 
 
 def _dispatch(layer, hidden, args: tuple, kwargs: dict):
@@ -423,7 +466,7 @@ def _run(kernel, layer, carrier, state, named: dict):
     """`(out, tail, reason)`: one layer on the packed carrier, and what the stock layer returns
     after its hidden states (`tail`, None for a plain tensor); a layer-code call may refuse."""
     if not _runs_own_code(kernel):
-        tensors = _cast_for_autocast(layer, layer_tensors(layer))
+        tensors = _cast_for_autocast(layer, _layer_tensors(layer))
         items, reason = returned_items(layer, tensors.out_proj_weight, tensors.embed_dim, named,
                                        (mask_name(layer), layer._bt_spec.score_bias))
         if reason:
