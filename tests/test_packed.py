@@ -158,3 +158,29 @@ def test_half_precision_runs_packed_or_falls_back_cleanly(tmp_path, dtype, kerne
     else:
         assert all(layer.fallback_calls == 1 and "dtype was" in layer.reason for layer in report.layers), str(report)
         assert torch.equal(want, got)  # the stock forward ran
+
+
+def test_small_batches_attend_in_one_masked_call_equal_to_per_sequence_attention():
+    """The one-call attention of a small batch (padded keys masked) computes what one call per
+    sequence computes; long batches keep one call per sequence."""
+    from bt_plugin.kernels import packed as packed_module
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+    keep = torch.zeros(4, 9, dtype=torch.bool)
+    for row, length in enumerate((9, 6, 3, 1)):
+        keep[row, :length] = True
+    kernel = packed_module.PackedKernel()
+    hidden = torch.randn(4, 9, 32)
+    carrier, state = kernel.pack(hidden, keep)
+    assert packed_module._padded_is_cheaper(state)
+    long_keep = torch.ones(2, 512, dtype=torch.bool)
+    long_keep[1, 100:] = False
+    assert not packed_module._padded_is_cheaper(kernel.pack(torch.randn(2, 512, 32), long_keep)[1])
+    qkv = torch.nn.functional.linear(carrier, layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias)
+    t = type("T", (), {"num_heads": 4, "embed_dim": 32, "attention_scale": None})()
+    one_call = packed_module._padded_sdpa(qkv, state, t)
+    per_sequence = torch.cat([packed_module._sdpa(qkv[start:start + count], 1, count, t)
+                              for start, count in state.segments])
+    assert one_call.shape == per_sequence.shape
+    assert (one_call - per_sequence).abs().max().item() <= 1e-6
