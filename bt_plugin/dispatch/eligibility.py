@@ -6,8 +6,6 @@ Reasons read `<what> was <value>` (as PyTorch's `why_not_sparsity_fast_path`) an
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
@@ -177,18 +175,9 @@ def cache_reason(layer: nn.Module, named: dict) -> str | None:
     return None
 
 
-def layer_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor, kernel) -> str | None:
-    """Reasons that belong to one layer: mode, grad, hooks, replaced modules, dtype/device."""
-    return mode_reason(layer, spec, hidden) or fused_reason(layer, spec, hidden, kernel)
-
-
 def mode_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor) -> str | None:
-    """Reasons no padding-free path may run this call: training, the spec's checks, grad, hooks."""
-    return call_mode_reason(layer, spec, hidden) or hook_reason(layer)
-
-
-def call_mode_reason(layer: nn.Module, spec: EncoderSpec, hidden: torch.Tensor) -> str | None:
-    """`mode_reason` but the hooks: training, the spec's checks, grad."""
+    """Reasons no padding-free path may run this call: training, the spec's checks, grad (hooks
+    are found by `structure_stamp`'s walk)."""
     if layer.training:
         return "the layer was in training mode (model.train())"
     for check in spec.layer_checks:
@@ -244,9 +233,9 @@ def structure_stamp(layer: nn.Module) -> tuple[tuple | None, str | None]:
         if (state["_forward_hooks"] or state["_forward_pre_hooks"]) and _has_user_hook(module):
             name = next(n for n, m in layer.named_modules() if m is module)
             return None, f"forward hooks were registered on {name or 'the layer'}"
-        if module is not layer and type(state.get("forward")) is types.FunctionType:  # see compat.capture_wrapped
+        if module is not layer and capture_wrapped(module):  # attentions recorded (transformers 4.5x)
             name = next(n for n, m in layer.named_modules() if m is module)
-            if hasattr(state["forward"], "__wrapped__"):  # transformers' recording wrapper (4.5x)
+            if hasattr(state["forward"], "__wrapped__"):  # transformers' recording wrapper
                 return None, (f"the call recorded attentions (transformers replaced the forward of {name}; "
                               "output_attentions=True)")
             return None, f"the forward of {name} was replaced on the instance (a fused kernel would skip it)"

@@ -23,8 +23,8 @@ from torch import nn
 from bt_plugin.dispatch.activations import activation_name
 from bt_plugin.compat import capture_wrapped, recorded_outputs
 from bt_plugin.compat import CACHE_ARGUMENTS
-from bt_plugin.dispatch.eligibility import (cache_reason, call_mode_reason, call_reason, fused_reason, layer_code_reason,
-                                            layer_code_serves, structure_stamp)
+from bt_plugin.dispatch.eligibility import (cache_reason, call_reason, fused_reason, layer_code_reason,
+                                            layer_code_serves, mode_reason, structure_stamp)
 from bt_plugin.dispatch.heads import PaddedReads, padded_reads
 from bt_plugin.kernels.binned import BINNED, run_binned
 from bt_plugin.dispatch.calls import bind, mask_name, returned_items
@@ -386,7 +386,7 @@ def path_for(layer, hidden) -> tuple[object | None, str | None, str | None]:
     """`(kernel, note, reason)` for this call: the chosen fused kernel when it can compute the
     layer; else the layer's own code on packed tokens (`note` says why) when its spec allows;
     else `(None, None, reason)`: the stock forward runs."""
-    reason = call_mode_reason(layer, layer._bt_spec, hidden)
+    reason = mode_reason(layer, layer._bt_spec, hidden)
     if reason:
         return None, None, reason
     plan, reason = _plan(layer, hidden)

@@ -156,11 +156,8 @@ def _padded_sdpa(qkv: torch.Tensor, state: PackState, t: LayerTensors) -> torch.
     """Every sequence's attention in one call: the packed QKV rows scattered back to `(B, L)`, padded
     keys masked (as stock masks them), the real queries' rows gathered again. Padded query rows
     are computed and dropped; a row without real tokens attends nothing and is dropped too."""
-    heads, size = t.num_heads, t.embed_dim // t.num_heads
     full = qkv.new_zeros(state.batch * state.length, qkv.size(1)).index_copy_(0, state.rows, qkv)
-    q, k, v = full.view(state.batch, state.length, 3, heads, size).permute(2, 0, 3, 1, 4).unbind(0)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=state.keep[:, None, None, :], scale=t.attention_scale)
-    return out.transpose(1, 2).reshape(state.batch * state.length, t.embed_dim).index_select(0, state.rows)
+    return _sdpa(full, state.batch, state.length, t, state.keep[:, None, None, :]).index_select(0, state.rows)
 
 
 def _sdpa(qkv: torch.Tensor, batch: int, count: int, t: LayerTensors, key_mask=None) -> torch.Tensor:
