@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from bt_plugin.kernels.linear import linear
 from bt_plugin.kernels.tensors import LayerTensors, dtype_reason
 
 
@@ -110,8 +111,8 @@ class PackedKernel:
 
     @staticmethod
     def _feed_forward(x: torch.Tensor, t: LayerTensors) -> torch.Tensor:
-        hidden = t.activation_fn(F.linear(x, t.linear1_weight, t.linear1_bias))
-        out = F.linear(hidden, t.linear2_weight, t.linear2_bias)
+        hidden = t.activation_fn(linear(x, t.linear1_weight, t.linear1_bias))
+        out = linear(hidden, t.linear2_weight, t.linear2_bias)
         return out * t.layer_scale2 if t.layer_scale2 is not None else out
 
     @staticmethod
@@ -121,7 +122,7 @@ class PackedKernel:
         One SDPA call per sequence on a slice of the packed QKV: no padded query, key or value is
         ever computed, and no mask is needed.
         """
-        qkv = F.linear(x, t.in_proj_weight, t.in_proj_bias)
+        qkv = linear(x, t.in_proj_weight, t.in_proj_bias)
         counts = {count for _, count in state.segments}
         if not counts:  # no row has a real token: nothing to attend
             out = qkv.new_zeros(0, t.embed_dim)
@@ -134,7 +135,7 @@ class PackedKernel:
             masks = state.segment_masks or [None] * len(state.segments)
             out = torch.cat([_sdpa(qkv[start:start + count], 1, count, t, mask)
                              for (start, count), mask in zip(state.segments, masks)])
-        out = F.linear(out, t.out_proj_weight, t.out_proj_bias)
+        out = linear(out, t.out_proj_weight, t.out_proj_bias)
         return out * t.layer_scale1 if t.layer_scale1 is not None else out
 
 

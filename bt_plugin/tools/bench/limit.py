@@ -5,7 +5,9 @@ the encoder layers on every real token (2 * in * out each), plus attention withi
 (4 * length² * hidden per layer: the scores and the weighted sum; a position-bias term such as
 DeBERTa's disentangled attention is not counted, so such a model's share reads low). The limit is the rate at which
 this process multiplies matrices of the same shapes, measured just before the candidates are
-timed, on the same threads: the linears of one layer on `(real tokens of a batch, in)` inputs, for
+timed, on the same threads, through the library the packed kernel's linears use on this CPU
+(bt_plugin.kernels.linear: MKL's `F.linear`, or oneDNN where LINEAR_BY_CPU_VENDOR picks it, the
+faster of the two there): the linears of one layer on `(real tokens of a batch, in)` inputs, for
 every batch of the case (the layers of a model share their shapes).
 "of limit" = (real FLOPs / a candidate's time) / that rate; attention, whose matrices are smaller,
 is counted at the same rate, so 100 % is out of reach, and the stock candidates, which also compute
@@ -20,6 +22,8 @@ from collections import Counter
 
 import torch
 from torch import nn
+
+from bt_plugin.kernels.linear import linear
 
 
 def encoder_linears(model: nn.Module, layer_paths: list[str]) -> Counter:
@@ -45,7 +49,7 @@ def real_flops(linears: Counter, lengths: list[int], width: int, layers: int) ->
 
 
 def matmul_rate(linears: Counter, batch_tokens: list[int], repeats: int = 3, dtype: torch.dtype = torch.float32) -> float:
-    """FLOP/s of this process's `torch.nn.functional.linear` on one layer's shapes (`linears`,
+    """FLOP/s of this process's linears (bt_plugin.kernels.linear.linear) on one layer's shapes (`linears`,
     from `encoder_linears` of one layer): each batch's real tokens through every linear, as often
     as the layer has it; the median of `repeats` timed sweeps after one untimed one."""
     inputs = {(t, i): torch.randn(t, i, dtype=dtype) for t in set(batch_tokens) for i, _ in linears}
@@ -58,7 +62,7 @@ def matmul_rate(linears: Counter, batch_tokens: list[int], repeats: int = 3, dty
             for (i, o), n in linears.items():
                 weight, bias = weights[(i, o)]
                 for _ in range(n):
-                    torch.nn.functional.linear(inputs[(t, i)], weight, bias)
+                    linear(inputs[(t, i)], weight, bias)
         return time.perf_counter() - start
 
     with torch.inference_mode():

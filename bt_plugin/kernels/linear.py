@@ -1,0 +1,57 @@
+"""The float32 matrix multiplies of the packed kernel's linears, and the per-CPU table that picks
+their library.
+
+`F.linear` on a CPU calls MKL's sgemm. On AMD EPYC CPUs oneDNN's inner product (the library torch
+uses for its bf16 and mkldnn ops) is faster on the same plain weights, with no copy and no
+reordering: measured on a 2-core AVX512 EPYC, 1.1x-2x per linear at 14 to 2048 tokens and 10.4 ->
+8.5 ms for a 14-token all-MiniLM-L6-v2 query (`python -m bt_plugin bench --workloads query`).
+Elsewhere (Intel Xeon, where MKL is tuned) `F.linear` stays until a measurement says otherwise;
+the choice is bt_plugin.kernels.LINEAR_BY_CPU_VENDOR, beside the other per-device choices.
+The two libraries sum in different orders: outputs differ from stock's by float32 rounding
+(about 2e-6 on MiniLM), within the 1e-5 the parity tests hold every kernel to.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+LINEAR_LIBRARIES = ("torch", "onednn")
+
+
+@functools.cache
+def cpu_vendor() -> str | None:
+    """The CPU's vendor_id (`GenuineIntel`, `AuthenticAMD`), or None where /proc/cpuinfo is missing."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("vendor_id")), None)
+    except OSError:
+        return None
+
+
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN's linear op."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def linear_library() -> str:
+    """The library this machine's float32 CPU linears use (bt_plugin.kernels.LINEAR_BY_CPU_VENDOR,
+    where this torch build has it)."""
+    from bt_plugin.kernels import LINEAR_BY_CPU_VENDOR  # the per-device table (imports this module)
+
+    choice = LINEAR_BY_CPU_VENDOR.get(cpu_vendor() or "", "torch")
+    return choice if choice != "onednn" or onednn_available() else "torch"
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for the packed `[T, E]` tokens, through oneDNN where
+    linear_library() says so and the call is plain float32 CPU inference (no autocast, no grad)."""
+    if (x.dtype is torch.float32 and weight.dtype is torch.float32 and x.dim() == 2 and x.device.type == "cpu"
+            and linear_library() == "onednn" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and (bias is None or bias.dtype is torch.float32)):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
