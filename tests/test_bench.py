@@ -16,7 +16,7 @@ from bt_plugin.tools.bench import results as bench_results, settings as bench_se
 
 pytestmark = pytest.mark.usefixtures("hf_offline")
 
-TINY = ["--shapes", "tiny", "--repeats", "1", "--text-batches", "1", "--threads", "1", "--no-progress"]
+TINY = ["--shapes", "tiny", "--repeats", "1", "--text-batches", "1", "--threads", "1", "--no-progress", "--peers", "none"]
 ENGLISH = {"the", "a", "an", "of", "to", "is", "and", "in", "for", "if", "be", "this", "that", "with"}
 
 
@@ -102,8 +102,10 @@ def test_bench_end_to_end(tmp_path, capsys, monkeypatch):
     data = json.loads(out_json.read_text())
 
     assert data["problems"] == []
-    assert [c["workload"] for c in data["cases"]] == ["text", "no-padding", "batch1"] + ["sweep"] * 5
-    assert [round(c["real_fraction"], 2) for c in data["cases"][1:]] == [1.0, 1.0, *bench_settings.SWEEP_FRACTIONS]
+    sizes = len(bench_settings.SMALL_BATCH_SIZES)
+    assert [c["workload"] for c in data["cases"]] == ["text", "no-padding", "batch1", "query"] + ["small-batch"] * sizes + ["sweep"] * 5
+    assert [round(c["real_fraction"], 2) for c in data["cases"][1:4]] == [1.0, 1.0, 1.0]
+    assert [round(c["real_fraction"], 2) for c in data["cases"][-5:]] == list(bench_settings.SWEEP_FRACTIONS)
     for case in data["cases"]:
         rows = {row["candidate"]: row for row in case["rows"]}
         assert set(rows) == set(bench_settings.CANDIDATES)
@@ -284,3 +286,62 @@ def test_precisions_are_timed_in_processes_of_their_own_with_quality_and_their_o
 def test_an_unknown_precision_is_refused_naming_the_valid_ones(capsys):
     assert cli.main(["bench", *TINY, "--precisions", "int4"]) == 2
     assert "unknown precision int4; valid: fp32, bf16-weights, autocast, bf16" in capsys.readouterr().err
+
+
+def test_query_and_small_batch_cases_are_real_short_texts():
+    """query: one real short query per call, in arrival order, nothing padded; small-batch: one
+    case per size, padded batches of real queries (a search service's requests)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(bench_models.minilm_dir()))
+    [query] = bench_cases.query_cases("minilm", tokenizer, seed=0)
+    assert len(query.batches) == bench_settings.QUERY_CALLS and query.real_fraction == 1.0
+    lengths = [int(b["attention_mask"].sum()) for b in query.batches]
+    assert all(b["input_ids"].shape[0] == 1 for b in query.batches)
+    assert 8 <= sorted(lengths)[len(lengths) // 2] <= 40 and len(set(lengths)) > 1  # search-query lengths, varied
+    texts = bench_cases.queries(bench_settings.QUERY_CALLS, 0)
+    assert torch.equal(query.batches[0]["input_ids"], tokenizer(texts[0], return_tensors="pt")["input_ids"])
+    small = bench_cases.small_batch_cases("minilm", tokenizer, seed=0)
+    assert [c.batches[0]["input_ids"].shape[0] for c in small] == list(bench_settings.SMALL_BATCH_SIZES)
+    for case in small:
+        assert len(case.batches) == bench_settings.SMALL_BATCH_CALLS and 0.3 < case.real_fraction < 1.0
+        assert all(b["attention_mask"][:, 0].all() for b in case.batches)  # right-padded, every row real
+    left = bench_cases.small_batch_cases("qwen3-0.6b", tokenizer, seed=0, padding_side="left")
+    assert all(b["attention_mask"][:, -1].all() for c in left for b in c.batches)
+
+
+def test_onnx_runtime_is_a_peer_row_timed_in_its_own_process(tmp_path, capsys):
+    """With onnxruntime installed, its row joins the same cases (the export of stock's weights,
+    compared with stock on real tokens), ratios to stock; a peer is shown, never judged."""
+    from bt_plugin.tools.bench import peers
+
+    assert "onnxruntime" in peers.installed_peers()  # the test extra installs the peers extra
+    out_json = tmp_path / "results.json"
+    argv = ["bench", *TINY, "--workloads", "batch1,small-batch", "--candidates", "stock,packed", "--no-memory",
+            "--peers", "onnxruntime", "--json", str(out_json)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out_json.read_text())
+    assert data["problems"] == [] and len(data["cases"]) == 1 + len(bench_settings.SMALL_BATCH_SIZES)
+    for case in data["cases"]:
+        rows = {row["candidate"]: row for row in case["rows"]}
+        assert list(rows) == ["stock", "packed", "onnxruntime"]
+        peer = rows["onnxruntime"]
+        assert peer["max_abs_diff"] <= 1e-4 and peer["fused_calls"] is None and peer["median_ms"] > 0
+        assert peer["ratio_to_stock"] == pytest.approx(rows["stock"]["median_ms"] / peer["median_ms"])
+        assert peer["share_of_limit"] and peer["share_of_ideal"]
+    assert "| onnxruntime |" in printed
+    judged = bench_results.CaseResult("tiny", "batch1", "1 x 1 x 16", 1.0,
+                                      [bench_results.CandidateResult("onnxruntime", [1.0], max_abs_diff=1.0)])
+    assert bench_results.BenchResults(bench_settings.Settings(), {}, [judged]).problems() == []
+
+
+def test_an_unknown_or_missing_peer_is_refused_naming_the_valid_ones(capsys, monkeypatch):
+    assert cli.main(["bench", *TINY, "--peers", "tensorrt"]) == 2
+    assert "unknown peer tensorrt; valid: onnxruntime" in capsys.readouterr().err
+    from bt_plugin.tools.bench import peers
+
+    monkeypatch.setattr(peers, "installed_peers", lambda: ())
+    assert cli.main(["bench", *TINY, "--peers", "onnxruntime"]) == 2
+    assert "pip install 'bt-plugin[peers]'" in capsys.readouterr().err
+    assert bench_settings.make_settings(["tiny"], None, None, 1, False, False, 1, 0).peers == ()

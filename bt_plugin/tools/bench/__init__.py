@@ -24,16 +24,27 @@ sequence-classification head) runs the rerank workload only.
 
 Workloads: `text` (batches of 32 paragraphs of real English, see `bt_plugin.tools.corpus`, tokenized
 with the all-MiniLM-L6-v2 tokenizer, padded to the longest, truncated at 256), `no-padding`
-(8 x 128 random tokens), `batch1` (1 x 16) and `sweep` (32 x 256 with 100/75/50/25/10 % real
-tokens; one row is always full length); `rerank` (`CrossEncoder.predict` in arrival order: per
-query, a paragraph's first sentence against 64 other real paragraphs, 32 pairs per batch, as many
-queries as text batches; sentence-transformers sorts each call's pairs by length before batching;
-scores compared, the real-token share read from the masks the model received). By default every
-token workload runs on `bert-base`, all but the sweep on `minilm`, `modernbert-base`, `gte-base`,
-`minilm-lora` and `mpnet-base`, and rerank on `minilm-reranker`: about 37 minutes on an idle
-2-core CPU. `--quick` runs `minilm` (text, no-padding, batch1), `bert-small` (sweep at 32 x 128),
-`minilm-lora` and `gte-small` (text), `minilm-reranker` (one rerank query) with 3 repetitions, no
-memory processes, on one torch thread (see QUICK_THREADS): about 2 minutes, also on a busy machine.
+(8 x 128 random tokens), `batch1` (1 x 16), `query` (16 real short queries, a paragraph's first
+sentence, one per call in arrival order: a search service's requests), `small-batch` (8 padded
+batches each of 2, 4 and 8 such queries, one case per size) and `sweep` (32 x 256 with
+100/75/50/25/10 % real tokens; one row is always full length); `rerank` (`CrossEncoder.predict` in
+arrival order: per query, a paragraph's first sentence against 64 other real paragraphs, 32 pairs
+per batch, as many queries as text batches; sentence-transformers sorts each call's pairs by length
+before batching; scores compared, the real-token share read from the masks the model received).
+By default every token workload runs on `bert-base`, all but the sweep on `minilm`,
+`modernbert-base`, `gte-base`, `minilm-lora`, `mpnet-base`, `deberta-v3-base` and
+`t5-base-encoder`, and rerank on `minilm-reranker` (about 37 minutes on an idle 2-core CPU before
+query and small-batch were added; not remeasured since). `--quick` runs `minilm` (text, no-padding,
+batch1, query, small-batch), `bert-small` (sweep at 32 x 128), `minilm-lora` and `gte-small`
+(text), `minilm-reranker` (one rerank query) and `bert-tiny` (hidden 32, 6 layers: small-batch,
+where a layer's per-call cost outweighs its matrix multiplies) with 3 repetitions, no memory
+processes, on one torch thread (see QUICK_THREADS).
+
+Peers: other engines, shown beside the candidates and never judged, each timed in a process of its
+own (their thread pools slow torch down in a shared one): `onnxruntime` (bt_plugin.tools.bench.peers:
+`torch.onnx.export(dynamo=True)` of stock's model, all graph optimizations, intra-op spinning off,
+the same threads) on the BERT-architecture shapes, when `pip install 'bt-plugin[peers]'` installed it
+(`--peers none` leaves it out).
 
 Timing: each candidate runs once untimed (its output is compared with stock on real tokens),
 then each repetition runs every candidate once in a rotating order; the report gives the median
@@ -44,7 +55,7 @@ after the forward, once the model is loaded, its weights read and the inputs bui
 
 Modules, one concern each: `settings` (candidates, shapes, workloads, plans), `cases` (the inputs),
 `models` (loading the candidates), `timing` (exactness check, limit, interleaved runs), `limit`
-(real FLOPs and the matrix-multiply rate), `memory` (peak memory in fresh processes), `results`
+(real FLOPs and the matrix-multiply rate), `peers` (other engines), `memory` (peak memory in fresh processes), `results`
 (what was measured), `runner` (a whole run), `report` (markdown, README block, plot), `cli`.
 """
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bt_plugin.tools.bench.settings import (RERANK_PASSAGES, SHAPES, SWEEP_BATCH, SWEEP_FRACTIONS, TEXT_BATCH,
+from bt_plugin.tools.bench.settings import (QUERY_CALLS, RERANK_PASSAGES, SHAPES, SMALL_BATCH_CALLS,
+                                            SMALL_BATCH_SIZES, SWEEP_BATCH, SWEEP_FRACTIONS, TEXT_BATCH,
                                             TEXT_MAX_LENGTH, WORKLOADS, Settings)
 
 
@@ -49,22 +50,47 @@ class Case:
         return f"{len(self.masks)} x {'/'.join(map(str, sorted(rows)))} x {lengths}"
 
 
-def text_cases(shape: str, batches: int, tokenizer, seed: int, padding_side: str = "right") -> list[Case]:
-    """Batches of real paragraphs, drawn seeded and shuffled, padded to the longest of each batch
-    (on the shape's side: decoder embedders pad on the left)."""
-    from bt_plugin.tools import corpus
-
-    texts = corpus.sample(batches * TEXT_BATCH, seed)
+def tokenized(texts: list[str], rows: int, tokenizer, padding_side: str = "right") -> list[dict]:
+    """`texts` tokenized `rows` at a time, each batch padded to its longest (on `padding_side`:
+    decoder embedders pad on the left), truncated at TEXT_MAX_LENGTH."""
     side, tokenizer.padding_side = tokenizer.padding_side, padding_side
     try:
-        encoded = [
-            dict(tokenizer(texts[i:i + TEXT_BATCH], padding="longest", truncation=True,
+        return [
+            dict(tokenizer(texts[i:i + rows], padding="longest", truncation=True,
                            max_length=TEXT_MAX_LENGTH, return_tensors="pt"))
-            for i in range(0, len(texts), TEXT_BATCH)
+            for i in range(0, len(texts), rows)
         ]
     finally:
         tokenizer.padding_side = side
-    return [Case(shape, "text", encoded)]
+
+
+def text_cases(shape: str, batches: int, tokenizer, seed: int, padding_side: str = "right") -> list[Case]:
+    """Batches of real paragraphs, drawn seeded and shuffled, padded to the longest of each batch."""
+    from bt_plugin.tools import corpus
+
+    return [Case(shape, "text", tokenized(corpus.sample(batches * TEXT_BATCH, seed), TEXT_BATCH, tokenizer,
+                                          padding_side))]
+
+
+def queries(count: int, seed: int) -> list[str]:
+    """`count` real short queries: the first sentence of paragraphs drawn seeded and shuffled (a
+    search query's length: about 10 to 30 tokens)."""
+    from bt_plugin.tools import corpus
+
+    return [paragraph.split(". ")[0] for paragraph in corpus.sample(count, seed)]
+
+
+def query_cases(shape: str, tokenizer, seed: int) -> list[Case]:
+    """QUERY_CALLS queries, one per call, in arrival order: a search service's requests."""
+    return [Case(shape, "query", tokenized(queries(QUERY_CALLS, seed), 1, tokenizer))]
+
+
+def small_batch_cases(shape: str, tokenizer, seed: int, padding_side: str = "right") -> list[Case]:
+    """One case per size in SMALL_BATCH_SIZES: SMALL_BATCH_CALLS padded batches of that many queries
+    (the batches an online service forms from the requests that arrive together)."""
+    return [Case(shape, "small-batch", tokenized(queries(rows * SMALL_BATCH_CALLS, seed + rows), rows, tokenizer,
+                                                 padding_side))
+            for rows in SMALL_BATCH_SIZES]
 
 
 def rerank_cases(shape: str, queries: int, seed: int) -> list[Case]:
@@ -122,6 +148,10 @@ def build_cases(shape: str, workload: str, tokenizer, settings: Settings, vocab:
         return [Case(shape, workload, [random_batch([128] * 8, 128, vocab, seed)])]
     if workload == "batch1":
         return [Case(shape, workload, [random_batch([16], 16, vocab, seed)])]
+    if workload == "query":
+        return query_cases(shape, tokenizer, seed)
+    if workload == "small-batch":
+        return small_batch_cases(shape, tokenizer, seed, SHAPES[shape].padding_side)
     if workload == "sweep":
         return [
             Case(shape, workload, [random_batch(sweep_lengths(f, SWEEP_BATCH, settings.sweep_length, seed + i),

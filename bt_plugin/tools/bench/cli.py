@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from bt_plugin.tools.bench.peers import PEERS
 from bt_plugin.tools.bench.report import README_END, README_START, _pyplot, plot_sweep, render_markdown, rewrite_readme
 from bt_plugin.tools.bench.results import BenchResults, FALLBACK_MESSAGE
 from bt_plugin.tools.bench.runner import run_settings
@@ -19,15 +20,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bt_plugin bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     public = [name for name, shape in SHAPES.items() if shape.public]
-    parser.add_argument("--quick", action="store_true", help="minilm (text, no-padding, batch1) and bert-small "
-                        "(sweep at 32 x 128), 3 repeats, 1 text batch, no peak memory, 1 torch thread: "
-                        "under 2 minutes")
+    parser.add_argument("--quick", action="store_true", help="minilm (text, no-padding, batch1, query, "
+                        "small-batch), bert-small (sweep at 32 x 128), minilm-lora and gte-small (text), "
+                        "minilm-reranker (rerank), bert-tiny (small-batch); 3 repeats, 1 text batch, no peak "
+                        "memory, 1 torch thread")
     parser.add_argument("--repeats", type=int, default=None,
                         help=f"timed runs per candidate (default {DEFAULT_REPEATS}, {QUICK_REPEATS} with --quick)")
     parser.add_argument("--shapes", type=_names, default=None, help=f"comma-separated: {', '.join(public)} "
                         f"(default {','.join(DEFAULT_SHAPES)})")
     parser.add_argument("--workloads", type=_names, default=None, help=f"comma-separated: {', '.join(WORKLOADS)} "
-                        "(default: text, no-padding, batch1 everywhere; sweep on the bert shapes; "
+                        "(default: text, no-padding, batch1, query, small-batch everywhere; sweep on the bert shapes; "
                         "rerank on minilm-reranker, which runs nothing else)")
     parser.add_argument("--candidates", type=_names, default=None,
                         help=f"comma-separated: {', '.join(CANDIDATES)} (default all; stock is always run)")
@@ -35,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated: " + "; ".join(f"{name}: {what}" for name, what in PRECISIONS.items())
                         + " (default fp32; each precision is timed in a process of its own, ratios to fp32 stock)")
     parser.add_argument("--precision-of-this-process", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--peers", type=_names, default=None,
+                        help="comma-separated other engines, or none: " + "; ".join(f"{name}: {what}" for name, what
+                        in PEERS.items()) + " (default: those installed, pip install 'bt-plugin[peers]'; rows shown "
+                        "beside the candidates, not judged)")
+    parser.add_argument("--peer-of-this-process", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--text-batches", type=int, default=None, help="batches of 32 paragraphs in the text "
                         "workload (default 4, 1 with --quick)")
     parser.add_argument("--threads", type=int, default=None,
@@ -63,7 +70,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         settings = make_settings(args.shapes, args.workloads, args.candidates, args.repeats, args.quick,
                                  args.memory, args.text_batches, 0, args.threads, args.precisions,
-                                 args.precision_of_this_process)
+                                 args.precision_of_this_process,
+                                 () if args.peers == ("none",) else args.peers, args.peer_of_this_process)
         _check_outputs(args, settings)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -63,7 +63,12 @@ class CandidateResult:
     @property
     def fused(self) -> bool:
         """Whether this is a bt_plugin kernel (its layer calls must all run fused)."""
-        return CANDIDATES[self.candidate][1] is not None
+        return CANDIDATES.get(self.candidate, ("", None))[1] is not None
+
+    @property
+    def peer(self) -> bool:
+        """Whether this is another engine (bt_plugin.tools.bench.peers): shown, not judged."""
+        return self.candidate not in CANDIDATES
 
 
 @dataclass
@@ -142,7 +147,7 @@ class BenchResults:
         for case in self.cases:
             for row in case.rows:
                 where = f"{case.shape} {case.workload} ({case.real_fraction:.0%} real): {row.label}"
-                if row.unavailable:
+                if row.unavailable or row.peer:
                     continue
                 if not row.exact and row.precision != "fp32":
                     found.append(f"{where}: min cosine to fp32 stock {row.min_cosine} below {QUALITY_FLOOR} (FAIL)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 import datetime
 import json
 import os
@@ -55,37 +56,48 @@ def _load_average() -> float | None:
 def run(shapes: Sequence[str] | None = None, workloads: Sequence[str] | None = None, *,
         candidates: Sequence[str] | None = None, repeats: int | None = None, quick: bool = False,
         memory: bool | None = None, text_batches: int | None = None, seed: int = 0,
-        threads: int | None = None, progress: bool = True, precisions: Sequence[str] | None = None) -> BenchResults:
+        threads: int | None = None, progress: bool = True, precisions: Sequence[str] | None = None,
+        peers: Sequence[str] | None = None) -> BenchResults:
     """Run the benchmark and return the results (nothing is printed but the progress bar).
 
     Defaults: DEFAULT_SHAPES, each shape's workloads, every candidate (each shape runs those it
     lists), 5 repeats, peak memory, torch's threads; with `quick`, QUICK_PLAN, 3 repeats, 1 text
     batch, no peak memory, 1 thread. `precisions` (settings.PRECISIONS) besides fp32 each run in a
-    process of their own, and their rows join the same cases.
+    process of their own, and their rows join the same cases; so do `peers` (peers.PEERS; None:
+    those installed, `()`: none).
     """
     settings = make_settings(shapes, workloads, candidates, repeats, quick, memory, text_batches, seed, threads,
-                             precisions)
+                             precisions, peers=peers)
     return run_settings(settings, progress)
 
 
 def run_settings(settings: Settings, progress: bool = True) -> BenchResults:
     """Run the benchmark as `settings` say (see `run`): this process's precision here, every
-    other precision in a child process, one after the other."""
+    other precision and every peer in a child process, one after the other."""
     results = _run_here(settings, progress)
-    if settings.precision == "fp32":
+    if settings.precision == "fp32" and settings.peer is None:
         for precision in settings.precisions:
             if precision != "fp32":
                 merge_rows(results, run_child(settings, precision, progress))
+        for peer in settings.peers:
+            if any(shape_candidates(shape, replace(settings, peer=peer)) for shape in settings.shapes):
+                merge_rows(results, run_child(settings, "fp32", progress, peer))
     return results
 
 
-def child_arguments(settings: Settings, precision: str, json_path: str) -> list[str]:
-    """The `python -m bt_plugin bench` arguments that time `settings`' plan at `precision` alone."""
-    arguments = ["--shapes", ",".join(settings.shapes), "--candidates", ",".join(settings.candidates),
+def child_arguments(settings: Settings, precision: str, json_path: str, peer: str | None = None) -> list[str]:
+    """The `python -m bt_plugin bench` arguments that time `settings`' plan at `precision` alone
+    (or `peer` alone, on the shapes it serves)."""
+    shapes = [s for s in settings.shapes if shape_candidates(s, replace(settings, peer=peer))] if peer else settings.shapes
+    arguments = ["--shapes", ",".join(shapes), "--candidates", ",".join(settings.candidates),
                  "--repeats", str(settings.repeats), "--text-batches", str(settings.text_batches),
-                 "--no-memory", "--precision-of-this-process", precision, "--json", json_path]
-    if settings.workloads:
-        arguments += ["--workloads", ",".join(settings.workloads)]
+                 "--no-memory", "--precision-of-this-process", precision, "--json", json_path,
+                 "--peers", ",".join(settings.peers) or "none"]
+    if peer:
+        arguments += ["--peer-of-this-process", peer]
+    workloads = [w for w in settings.workloads or () if any(SHAPES[s].serves(w) for s in shapes)]
+    if workloads:
+        arguments += ["--workloads", ",".join(workloads)]
     if settings.threads:
         arguments += ["--threads", str(settings.threads)]
     if settings.quick:
@@ -93,17 +105,20 @@ def child_arguments(settings: Settings, precision: str, json_path: str) -> list[
     return arguments
 
 
-def run_child(settings: Settings, precision: str, progress: bool = True) -> dict:
-    """Time the plan at `precision` in a fresh interpreter; its `--json` results."""
+def run_child(settings: Settings, precision: str, progress: bool = True, peer: str | None = None) -> dict:
+    """Time the plan at `precision` (or `peer`'s rows) in a fresh interpreter; its `--json` results."""
+    from bt_plugin.tools.bench.peers import PEER_PROCESS_ENVIRONMENT
+
     with tempfile.TemporaryDirectory(prefix="bt_plugin_bench_child_") as tmp:
         target = os.path.join(tmp, "results.json")
-        command = [sys.executable, "-m", "bt_plugin", "bench", *child_arguments(settings, precision, target)]
+        command = [sys.executable, "-m", "bt_plugin", "bench", *child_arguments(settings, precision, target, peer)]
         if not progress:
             command.append("--no-progress")
+        environment = {**os.environ, **PEER_PROCESS_ENVIRONMENT} if peer else None
         done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=None if progress else subprocess.PIPE,
-                              text=True)
+                              text=True, env=environment)
         if not os.path.exists(target):
-            raise RuntimeError(f"the {precision} benchmark process failed (exit {done.returncode}): "
+            raise RuntimeError(f"the {peer or precision} benchmark process failed (exit {done.returncode}): "
                                f"{(done.stderr or '')[-2000:]}")
         with open(target) as results:
             return json.load(results)

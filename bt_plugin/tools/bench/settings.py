@@ -32,7 +32,12 @@ PRECISION_DTYPES = {"fp32": "float32", "bf16-weights": "bfloat16", "autocast": "
 QUALITY_FLOOR = 0.999
 
 
-TOKEN_WORKLOADS = ("text", "no-padding", "batch1", "sweep")  # token tensors into the model
+TOKEN_WORKLOADS = ("text", "no-padding", "batch1", "query", "small-batch", "sweep")  # token tensors into the model
+
+
+# What most shapes run by default: real text, no padding, and the per-call workloads (one short
+# query per call, small padded batches of queries).
+ENCODER_WORKLOADS = ("text", "no-padding", "batch1", "query", "small-batch")
 
 
 WORKLOADS = (*TOKEN_WORKLOADS, "rerank")  # rerank: sentence-transformers' CrossEncoder.predict on text pairs
@@ -48,6 +53,11 @@ RERANK_PASSAGES, RERANK_BATCH = 64, 32  # passages per query (one predict call e
 
 
 SWEEP_BATCH, SWEEP_LENGTH, QUICK_SWEEP_LENGTH = 32, 256, 128
+
+
+# query: QUERY_CALLS real short queries (a paragraph's first sentence), one per call, in arrival order;
+# small-batch: SMALL_BATCH_CALLS padded batches of each size in SMALL_BATCH_SIZES of such queries.
+QUERY_CALLS, SMALL_BATCH_SIZES, SMALL_BATCH_CALLS = 16, (2, 4, 8), 8
 
 
 @dataclass(frozen=True)
@@ -78,23 +88,23 @@ class Shape:
 
 SHAPES: dict[str, Shape] = {
     "bert-base": Shape("bert-base", {}),
-    "minilm": Shape("minilm", None, ("text", "no-padding", "batch1"), memory=False),
+    "minilm": Shape("minilm", None, ENCODER_WORKLOADS, memory=False),
     "bert-small": Shape("bert-small", dict(hidden_size=256, num_attention_heads=4,
                                            intermediate_size=1024, num_hidden_layers=2)),
     # Layers served by their own code on packed tokens (layercode): fastpath and packed would both
     # take that path, so only `packed` runs against stock.
-    "modernbert-base": Shape("modernbert-base", {}, ("text", "no-padding", "batch1"), memory=False,
+    "modernbert-base": Shape("modernbert-base", {}, ENCODER_WORKLOADS, memory=False,
                              config_class="ModernBertConfig", model_class="ModernBertModel",
                              candidates=("stock", "packed")),
-    "gte-base": Shape("gte-base", {}, ("text", "no-padding", "batch1"), memory=False,
+    "gte-base": Shape("gte-base", {}, ENCODER_WORKLOADS, memory=False,
                       config_class="GteConfig", model_class="GteModel", candidates=("stock", "packed")),
     # sentence-transformers' CrossEncoder on all-MiniLM-L6-v2 with a seeded, randomly initialised
     # one-label sequence-classification head (a reranker's shape; scores, not hidden states, compared).
     "minilm-reranker": Shape("minilm-reranker", None, ("rerank",), memory=False, reranker=True),
-    "minilm-lora": Shape("minilm-lora", None, ("text", "no-padding", "batch1"), memory=False, adapter=True,
+    "minilm-lora": Shape("minilm-lora", None, ENCODER_WORKLOADS, memory=False, adapter=True,
                          candidates=("stock", "packed")),
     # MPNet's relative position bias is added per sequence by `packed` (fastpath cannot).
-    "mpnet-base": Shape("mpnet-base", {}, ("text", "no-padding", "batch1"), memory=False,
+    "mpnet-base": Shape("mpnet-base", {}, ENCODER_WORKLOADS, memory=False,
                         config_class="MPNetConfig", model_class="MPNetModel",
                         candidates=("stock", "packed"), attn_implementation="eager"),  # MPNet has no sdpa
     # Their layers' own attention code on bins of whole sequences (binned).
@@ -102,10 +112,10 @@ SHAPES: dict[str, Shape] = {
                                                      max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
                                                      norm_rel_ebd="layer_norm", share_att_key=True,
                                                      max_position_embeddings=512, vocab_size=128100),
-                             ("text", "no-padding", "batch1"), memory=False, config_class="DebertaV2Config",
+                             ENCODER_WORKLOADS, memory=False, config_class="DebertaV2Config",
                              model_class="DebertaV2Model", candidates=("stock", "packed"),
                              attn_implementation="eager"),  # DeBERTa has no sdpa
-    "t5-base-encoder": Shape("t5-base-encoder", dict(vocab_size=32128), ("text", "no-padding", "batch1"),
+    "t5-base-encoder": Shape("t5-base-encoder", dict(vocab_size=32128), ENCODER_WORKLOADS,
                              memory=False, config_class="T5Config", model_class="T5EncoderModel",
                              candidates=("stock", "packed")),
     "gte-small": Shape("gte-small", dict(hidden_size=256, num_attention_heads=4, intermediate_size=1024,
@@ -117,13 +127,13 @@ SHAPES: dict[str, Shape] = {
     "qwen3-0.6b": Shape("qwen3-0.6b", dict(vocab_size=30522, hidden_size=1024, intermediate_size=3072,
                                            num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8,
                                            head_dim=128, pad_token_id=0, tie_word_embeddings=True),
-                        ("text", "no-padding", "batch1"), memory=False, config_class="Qwen3Config",
+                        ENCODER_WORKLOADS, memory=False, config_class="Qwen3Config",
                         model_class="Qwen3Model", candidates=("stock", "packed"), padding_side="left"),
     "embeddinggemma-300m": Shape("embeddinggemma-300m", dict(vocab_size=30522, hidden_size=768, intermediate_size=1152,
                                                              num_hidden_layers=6, num_attention_heads=3,
                                                              num_key_value_heads=1, head_dim=256, sliding_window=512,
                                                              use_bidirectional_attention=True, pad_token_id=0),
-                                 ("text", "no-padding", "batch1"), memory=False, config_class="Gemma3TextConfig",
+                                 ENCODER_WORKLOADS, memory=False, config_class="Gemma3TextConfig",
                                  model_class="Gemma3TextModel", candidates=("stock", "packed"), padding_side="left"),
     # Qwen3-Reranker's layout: sentence-transformers' CrossEncoder on a Qwen3 causal LM (the shape above)
     "qwen3-reranker": Shape("qwen3-reranker", dict(vocab_size=30522, hidden_size=1024, intermediate_size=3072,
@@ -131,6 +141,10 @@ SHAPES: dict[str, Shape] = {
                                                    head_dim=128, pad_token_id=0, tie_word_embeddings=True),
                             ("rerank",), memory=False, config_class="Qwen3Config", model_class="Qwen3ForCausalLM",
                             candidates=("stock", "packed"), reranker=True),
+    # Six layers of hidden size 32: the matrix multiplies take microseconds, so what a converted
+    # layer costs per call around them decides its speed.
+    "bert-tiny": Shape("bert-tiny", dict(hidden_size=32, num_attention_heads=2, intermediate_size=128,
+                                         num_hidden_layers=6), ENCODER_WORKLOADS, memory=False),
     # Undocumented, for the smoke test: the real vocabulary (the text workload's token ids), tiny layers.
     "tiny": Shape("tiny", dict(hidden_size=32, num_attention_heads=2, intermediate_size=64,
                                num_hidden_layers=2), public=False),
@@ -143,8 +157,9 @@ DEFAULT_SHAPES = ("bert-base", "minilm", "minilm-reranker", "modernbert-base", "
 
 # --quick: every workload and every candidate, on light shapes (minutes, not an hour).
 QUICK_PLAN: dict[str, tuple[str, ...]] = {
-    "minilm": ("text", "no-padding", "batch1"), "bert-small": ("sweep",), "minilm-reranker": ("rerank",),
+    "minilm": ENCODER_WORKLOADS, "bert-small": ("sweep",), "minilm-reranker": ("rerank",),
     "minilm-lora": ("text",), "gte-small": ("text",),  # the layer-code path: an adapter, a rotary family
+    "bert-tiny": ("small-batch",),  # where a layer's per-call cost outweighs its matrix multiplies
 }
 
 
@@ -173,6 +188,8 @@ class Settings:
     sweep_length: int = SWEEP_LENGTH
     precisions: tuple[str, ...] = ("fp32",)  # fp32 always first: the ratios' reference
     precision: str = "fp32"  # what this process times (the others run in child processes)
+    peers: tuple[str, ...] = ()  # other engines (bt_plugin.tools.bench.peers.PEERS), each timed in a child process
+    peer: str | None = None  # the peer this process times instead of the candidates (a peer's child process)
 
     def plan(self) -> list[tuple[str, str]]:
         """The (shape, workload) pairs to run, in order."""
@@ -185,24 +202,36 @@ class Settings:
 
 def shape_candidates(shape: str, settings: Settings) -> list[str]:
     """The selected candidates this shape runs at this process's precision (stock always first:
-    the ratios need it; precision bf16 is bt_plugin's own option, stock does not run it)."""
+    the ratios need it; precision bf16 is bt_plugin's own option, stock does not run it). A peer's
+    process runs its peer alone, on the shapes the peer serves."""
+    if settings.peer:
+        from bt_plugin.tools.bench.peers import serves
+
+        return [settings.peer] if serves(SHAPES[shape]) else []
     return [name for name in settings.candidates if SHAPES[shape].runs(name)
             and (settings.precision != "bf16" or CANDIDATES[name][1] is not None)]
 
 
 def make_settings(shapes, workloads, candidates, repeats, quick, memory, text_batches, seed, threads=None,
-                  precisions=None, precision: str = "fp32") -> Settings:
+                  precisions=None, precision: str = "fp32", peers=None, peer: str | None = None) -> Settings:
     """Validate the choices and fill in the defaults (`quick` changes shapes, repeats, text batches,
-    the sweep's length, memory and threads)."""
+    the sweep's length, memory and threads; `peers=None`: the installed ones)."""
+    from bt_plugin.tools.bench.peers import PEERS, installed_peers
+
+    peers = installed_peers() if peers is None else tuple(peers)
     shapes = tuple(shapes or (QUICK_PLAN if quick else DEFAULT_SHAPES))
     candidates = tuple(dict.fromkeys(["stock", *(candidates or CANDIDATES)]))  # stock is the reference
     precisions = tuple(dict.fromkeys(["fp32", *(precisions or ())]))
     for kind, chosen, valid in (("shape", shapes, SHAPES), ("workload", workloads or (), WORKLOADS),
-                                ("candidate", candidates, CANDIDATES), ("precision", precisions + (precision,), PRECISIONS)):
+                                ("candidate", candidates, CANDIDATES), ("precision", precisions + (precision,), PRECISIONS),
+                                ("peer", peers + ((peer,) if peer else ()), PEERS)):
         unknown = [c for c in chosen if c not in valid]
         if unknown:
             public = [v for v in valid if kind != "shape" or SHAPES[v].public]
             raise ValueError(f"unknown {kind} {', '.join(unknown)}; valid: {', '.join(public)}")
+    missing = [name for name in peers if name not in installed_peers()]
+    if missing:
+        raise ValueError(f"peer {', '.join(missing)} is not installed: pip install 'bt-plugin[peers]'")
     for workload in workloads or ():
         if not any(SHAPES[shape].serves(workload) for shape in shapes):
             serving = [name for name, shape in SHAPES.items() if shape.public and shape.serves(workload)]
@@ -214,4 +243,4 @@ def make_settings(shapes, workloads, candidates, repeats, quick, memory, text_ba
     threads = threads or (QUICK_THREADS if quick else None)
     return Settings(shapes, tuple(workloads) if workloads else None, candidates, repeats,
                     text_batches or (1 if quick else 4), memory and precision == "fp32", quick, seed, threads,
-                    QUICK_SWEEP_LENGTH if quick else SWEEP_LENGTH, precisions, precision)
+                    QUICK_SWEEP_LENGTH if quick else SWEEP_LENGTH, precisions, precision, peers, peer)

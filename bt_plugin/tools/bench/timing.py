@@ -111,7 +111,7 @@ def case_limit(case: Case, models: dict[str, nn.Module], stock: nn.Module,
     import bt_plugin
     from bt_plugin.tools.bench import limit
 
-    fused = [m for name, m in models.items() if CANDIDATES[name][1]]
+    fused = [m for name, m in models.items() if name in CANDIDATES and CANDIDATES[name][1]]
     if not fused:
         return None, None
     model = base_model(stock)
@@ -135,7 +135,7 @@ def time_case(case: Case, models: dict[str, nn.Module], repeats: int, bar, stock
     passes = passes_per_run(case, first, check_exactness(case, models, rows, stock, precision), precision)
     real_gflop, matmul_gflops = case_limit(case, models, stock, precision)
     gc.collect()
-    before = {name: layer_counts(m) for name, m in models.items() if CANDIDATES[name][1]}
+    before = {name: layer_counts(m) for name, m in models.items() if name in CANDIDATES and CANDIDATES[name][1]}
     names, cpu_before = list(models), cpu_snapshot()
     for rep in range(repeats):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
@@ -175,6 +175,8 @@ def others_cpu_share(before, after) -> float | None:
 def run_shape(shape: str, cases: list[Case], settings: Settings, source: str, bar) -> list[CaseResult]:
     """Load every candidate of one shape (same checkpoint, same weights) and time its cases."""
     names = shape_candidates(shape, settings)
+    if settings.peer:
+        return run_peer_shape(shape, cases, settings, source, bar) if names else []
     models, unavailable = load_candidates(source, names, SHAPES[shape], settings.precision)
     stock = None
     if settings.precision != "fp32":  # the fp32 reference, untimed (its times come from the fp32 process)
@@ -190,5 +192,26 @@ def run_shape(shape: str, cases: list[Case], settings: Settings, source: str, ba
                        for n in names]
         results.append(result)
     del models
+    gc.collect()
+    return results
+
+
+def run_peer_shape(shape: str, cases: list[Case], settings: Settings, source: str, bar) -> list[CaseResult]:
+    """Time this process's peer on one shape's cases: stock's model (loaded untimed, the fp32
+    reference) exported to the peer, one model for every case."""
+    import tempfile
+    from pathlib import Path
+
+    from bt_plugin.tools.bench.peers import peer_model
+
+    stock = load_candidates(source, ["stock"], SHAPES[shape])[0]["stock"]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bt_plugin_bench_peer_") as tmp:
+        model = peer_model(settings.peer, base_model(stock), Path(tmp), settings.threads)
+        for case in cases:
+            bar.set_description(f"{shape} {case.workload} {settings.peer}")
+            results.append(time_case(case, {settings.peer: model}, settings.repeats, bar, stock))
+        del model
+    del stock
     gc.collect()
     return results
