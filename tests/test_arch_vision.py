@@ -104,6 +104,17 @@ def _randomize_layer_scale(model) -> None:
                 param.copy_(torch.rand(param.shape, generator=generator) * 0.9 + 0.1)
 
 
+def _trained_box_heads(model) -> None:
+    """OWL-ViT's box and objectness heads initialize at unit scale: at test width they output about
+    5000 before a sigmoid, so float32 rounding of their features (4e-6, either GEMM library) turns
+    into 4e-4 of a box coordinate. A trained head's linears have weights of order fan_in**-0.5."""
+    generator = _generator(11)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.split(".")[0] in ("box_head", "objectness_head") and isinstance(module, torch.nn.Linear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * module.in_features ** -0.5)
+
+
 def _no_real_positions(inputs: dict) -> list[torch.Tensor]:
     return []
 
@@ -212,6 +223,7 @@ CASES: dict[str, Case] = {
     "owlvit": Case(
         _two_towers("OwlViTConfig", IMAGE, projection_dim=256), "OwlViTModel", "OwlViTForObjectDetection",
         inputs=with_text(images), fastpath_refused=QUICK_GELU, real_positions=_text_positions, falls_back=CAUSAL,
+        prepare=_trained_box_heads,
     ),
     "owlvit_vision_model": Case(
         _config("OwlViTVisionConfig", **WIDTH, **IMAGE), "OwlViTVisionModel", None, fastpath_refused=QUICK_GELU,
@@ -219,6 +231,7 @@ CASES: dict[str, Case] = {
     "owlv2": Case(
         _two_towers("Owlv2Config", IMAGE, projection_dim=256), "Owlv2Model", "Owlv2ForObjectDetection",
         inputs=with_text(images), fastpath_refused=QUICK_GELU, real_positions=_text_positions, falls_back=CAUSAL,
+        prepare=_trained_box_heads,
     ),
     "owlv2_vision_model": Case(
         _config("Owlv2VisionConfig", **WIDTH, **IMAGE), "Owlv2VisionModel", None, fastpath_refused=QUICK_GELU,

@@ -6,7 +6,8 @@
 - `binned.py`: the layer's own code on bins of whole sequences (relative-position layers);
 - `attention.py`: the per-sequence attention those two hand to transformers' attention lookup;
 - `tensors.py`: what the fused kernels take (`LayerTensors`);
-- `linear.py`: the packed kernel's float32 CPU linears, through MKL (`F.linear`) or oneDNN.
+- `linear.py`: the packed kernel's float32 CPU linears, through MKL (`F.linear`) or oneDNN;
+- `device_table.py`: the per-device choices (which kernel `auto` picks, which linear library).
 
 Every kernel has one interface: `pack`, `layer`, `unpack`. A stack packs once at its first layer
 and unpacks once after its last (see bt_plugin/dispatch/layer.py), so the `pack`/`unpack` cost is
@@ -15,6 +16,7 @@ paid once per forward, not per layer.
 
 from __future__ import annotations
 
+from bt_plugin.kernels.device_table import AUTO_KERNEL, AUTO_KERNEL_UNDER_AUTOCAST, LINEAR_BY_CPU_VENDOR  # noqa: F401
 from bt_plugin.kernels.fastpath import FastpathKernel
 from bt_plugin.kernels.layercode import LAYER_CODE
 from bt_plugin.kernels.packed import PackedKernel
@@ -23,17 +25,6 @@ from bt_plugin.kernels.tensors import LayerTensors  # noqa: F401  (what every ke
 # `layercode` and `binned` also serve, on any choice, the layers a fused kernel cannot compute
 # (see bt_plugin/dispatch/layer.py); `binned` is not a choice of its own.
 KERNELS = {"fastpath": FastpathKernel(), "packed": PackedKernel(), "layercode": LAYER_CODE}
-# What "auto" picks per device type. CPU: packed (measured by `python -m bt_plugin bench`; the
-# fused C++ kernel loses much of its gain to nested-tensor conversions there). CUDA: fastpath,
-# the published BetterTransformer path, until a GPU measurement says otherwise.
-AUTO_KERNEL = {"cpu": "packed", "cuda": "fastpath"}
-# ... and under torch.autocast (a user's, or precision="bf16"): the fused C++ kernel computes in
-# its weights' dtype, so packed, whose ops autocast casts as it casts stock's.
-AUTO_KERNEL_UNDER_AUTOCAST = {"cpu": "packed", "cuda": "packed"}
-# The library of the packed kernel's float32 CPU linears, per CPU vendor (/proc/cpuinfo's
-# vendor_id); any other: "torch" (F.linear, MKL). oneDNN on AMD EPYC: measured 10.4 -> 7.5 ms for a
-# 14-token all-MiniLM-L6-v2 query on a 2-core AVX512 EPYC (bt_plugin/kernels/linear.py).
-LINEAR_BY_CPU_VENDOR = {"AuthenticAMD": "onednn"}
 KERNEL_CHOICES = ("auto", *KERNELS)
 
 

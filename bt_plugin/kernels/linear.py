@@ -6,7 +6,7 @@ uses for its bf16 and mkldnn ops) is faster on the same plain weights, with no c
 reordering: measured on a 2-core AVX512 EPYC, 1.1x-2x per linear at 14 to 2048 tokens and 10.4 ->
 8.5 ms for a 14-token all-MiniLM-L6-v2 query (`python -m bt_plugin bench --workloads query`).
 Elsewhere (Intel Xeon, where MKL is tuned) `F.linear` stays until a measurement says otherwise;
-the choice is bt_plugin.kernels.LINEAR_BY_CPU_VENDOR, beside the other per-device choices.
+the choice is bt_plugin.kernels.device_table.LINEAR_BY_CPU_VENDOR, beside the other per-device choices.
 The two libraries sum in different orders: outputs differ from stock's by float32 rounding
 (about 2e-6 on MiniLM), within the 1e-5 the parity tests hold every kernel to.
 """
@@ -17,6 +17,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from bt_plugin.kernels import device_table
 
 
 LINEAR_LIBRARIES = ("torch", "onednn")
@@ -39,19 +41,34 @@ def onednn_available() -> bool:
 
 @functools.cache
 def linear_library() -> str:
-    """The library this machine's float32 CPU linears use (bt_plugin.kernels.LINEAR_BY_CPU_VENDOR,
+    """The library this machine's float32 CPU linears use (bt_plugin.kernels.device_table.LINEAR_BY_CPU_VENDOR,
     where this torch build has it)."""
-    from bt_plugin.kernels import LINEAR_BY_CPU_VENDOR  # the per-device table (imports this module)
-
-    choice = LINEAR_BY_CPU_VENDOR.get(cpu_vendor() or "", "torch")
+    choice = device_table.LINEAR_BY_CPU_VENDOR.get(cpu_vendor() or "", "torch")
     return choice if choice != "onednn" or onednn_available() else "torch"
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for the packed `[T, E]` tokens, through oneDNN where
-    linear_library() says so and the call is plain float32 CPU inference (no autocast, no grad)."""
+# oneDNN's call costs about 15-20 us more than MKL's before any arithmetic (measured on the same
+# EPYC, 1 and 2 threads: hidden-32 linears took 17-30 us through oneDNN, 3-8 us through MKL), so it
+# takes only the linears whose work repays that: a large weight (all-MiniLM-L6-v2's QKV and feed
+# forward, faster at every token count) or a large product (its 384 x 384 output projection from
+# 64 tokens on, where it is 1.2x faster; 0.6-0.8x below).
+ONEDNN_MIN_WEIGHT, ONEDNN_MIN_FLOPS = 256 * 1024, 16e6
+
+
+def library_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+    """The library `linear` calls for these operands: "onednn" where linear_library() says so, the
+    linear is large enough (ONEDNN_MIN_WEIGHT, ONEDNN_MIN_FLOPS) and the call is plain float32 CPU
+    inference on `[T, E]` tokens (no autocast, no grad); else "torch"."""
     if (x.dtype is torch.float32 and weight.dtype is torch.float32 and x.dim() == 2 and x.device.type == "cpu"
+            and (weight.numel() >= ONEDNN_MIN_WEIGHT or 2 * x.shape[0] * weight.numel() >= ONEDNN_MIN_FLOPS)
             and linear_library() == "onednn" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
             and (bias is None or bias.dtype is torch.float32)):
+        return "onednn"
+    return "torch"
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for the packed `[T, E]` tokens, through the library `library_for` picks."""
+    if library_for(x, weight, bias) == "onednn":
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
