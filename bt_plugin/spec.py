@@ -23,15 +23,20 @@ class EncoderSpec:
         name: Family name, shown by `explain()` and used as the registry key.
         model_types: `config.model_type` values this spec serves.
         layer_classes: Dotted import paths of the encoder layer classes (resolved lazily).
-        query, key, value, out_proj: Paths of the attention `nn.Linear` modules.
+        query: Path of the attention's query `nn.Linear` module.
+        key: Path of its key `nn.Linear` module.
+        value: Path of its value `nn.Linear` module.
+        out_proj: Path of its output projection `nn.Linear` module.
         norm1: Path of the layer norm after attention (before it when `norm_first`).
-        linear1, linear2: Paths of the two feed-forward `nn.Linear` modules.
+        linear1: Path of the first feed-forward `nn.Linear` module.
+        linear2: Path of the second feed-forward `nn.Linear` module.
         activation: Path of the activation module applied after `linear1`.
         norm2: Path of the layer norm after the feed-forward block.
         num_heads: Path of the attribute holding the number of attention heads.
         norm_first: Whether the layer is pre-layer-norm.
-        layer_scale1, layer_scale2: Optional paths of per-channel scale tensors applied to the
-            attention and feed-forward branches before their residual add (DINOv2's LayerScale).
+        layer_scale1: Optional path of a per-channel scale tensor applied to the attention branch
+            before its residual add (DINOv2's LayerScale).
+        layer_scale2: The same for the feed-forward branch.
         attention_scale: Optional path of the attention's score scale (a float attribute);
             None means `head_dim ** -0.5`.
         mask_argument: Name of the attention-mask parameter of the layer's `forward` (found by

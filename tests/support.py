@@ -154,13 +154,30 @@ def paragraph_pairs(count: int, seed: int = 0) -> list[tuple[str, str]]:
     return [(texts[2 * i].split(". ")[0], texts[2 * i + 1]) for i in range(count)]
 
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+# The pages whose ```python blocks run in one namespace, in this order (as a reader of the README
+# and then of the site's pages would paste them): tests/test_readme.py. Every other page with a
+# Python block runs on its own (EXECUTED_ALONE).
+EXECUTED_IN_ORDER = (README, ROOT / "docs" / "getting-started.md", ROOT / "docs" / "precision.md",
+                     ROOT / "docs" / "integrations.md")
+EXECUTED_ALONE = (ROOT / "docs" / "adding-an-architecture.md",)
 
 
-def readme_python_blocks(ray: bool = False) -> list[str]:
-    """The README's ```python blocks, in order: those that use Ray (`ray=True`) or all the others.
-    The Ray blocks run in tests/test_ray_data.py, which starts Ray once."""
+def python_blocks(page: Path) -> list[str]:
+    """One page's ```python blocks, in order."""
     import re
 
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    return [block for block in blocks if bool(re.search(r"^\s*(import ray|ray\.)", block, re.M)) == ray]
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+
+
+def uses_ray(block: str) -> bool:
+    import re
+
+    return bool(re.search(r"^\s*(import ray|ray\.)", block, re.M))
+
+
+def readme_python_blocks(ray: bool = False) -> list[tuple[Path, str]]:
+    """`(page, block)` for the ```python blocks of EXECUTED_IN_ORDER, in order: those that use Ray
+    (`ray=True`) or all the others. The Ray blocks run in tests/test_ray_data.py, which starts Ray once."""
+    return [(page, block) for page in EXECUTED_IN_ORDER for block in python_blocks(page) if uses_ray(block) == ray]

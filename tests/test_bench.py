@@ -96,10 +96,23 @@ def test_bench_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench_timing, "MIN_RUN_MS", 1.0)  # one pass per timed run: a smoke test, not a measurement
     readme = tmp_path / "README.md"
     readme.write_text(f"# Title\n\nbefore\n\n{bench_report.README_START}\nold table\n{bench_report.README_END}\n\nafter\n")
-    out_json = tmp_path / "results.json"
-    assert cli.main(["bench", *TINY, "--no-memory", "--json", str(out_json), "--readme", str(readme)]) == 0
+    out_json, chart = tmp_path / "results.json", tmp_path / "speedup.png"
+    drawn = []
+    series = bench_report.speedup_series
+    monkeypatch.setattr(bench_report, "speedup_series", lambda *a, **k: drawn.append(series(*a, **k)) or drawn[-1])
+    assert cli.main(["bench", *TINY, "--no-memory", "--json", str(out_json), "--readme", str(readme),
+                     "--plot", str(chart)]) == 0
     printed = capsys.readouterr().out
     data = json.loads(out_json.read_text())
+
+    # the chart: one line per shape through every case bt_plugin's CPU kernel ran, as the tables give them
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    packed_rows = [(case["real_fraction"], row["ratio_to_stock"]) for case in data["cases"] for row in case["rows"]
+                   if row["candidate"] == bench_report.PLOTTED_CANDIDATE and row["median_ms"]]
+    assert len(drawn) == 1 and list(drawn[0]) == ["tiny"]
+    assert len(drawn[0]["tiny"]) == len(packed_rows) == len(data["cases"])
+    for (fraction, ratio), (want_fraction, want_ratio) in zip(drawn[0]["tiny"], sorted(packed_rows)):
+        assert fraction == pytest.approx(want_fraction) and ratio == pytest.approx(want_ratio)
 
     assert data["problems"] == []
     sizes = len(bench_settings.SMALL_BATCH_SIZES)
@@ -243,7 +256,7 @@ def test_readme_without_markers_is_refused_before_running(tmp_path, capsys):
 def test_plot_without_matplotlib_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     with pytest.raises(SystemExit, match=re.escape("pip install 'bt-plugin[plot]'")):
-        bench.main([*TINY, "--plot", str(tmp_path / "sweep.png")])
+        bench.main([*TINY, "--plot", str(tmp_path / "speedup.png")])
 
 
 def test_cli_lists_and_forwards_bench(capsys):

@@ -71,7 +71,7 @@ def stock() -> tuple[list[str], torch.Tensor]:
 
 
 def test_readme_ray_data_job(stock, tmp_path):
-    job, shutdown = support.readme_python_blocks(ray=True)
+    (_, job), (_, shutdown) = support.readme_python_blocks(ray=True)
     script = tmp_path / "job.py"
     script.write_text("\n".join([PRELUDE, job, PROOF, shutdown]))
     records, output = tmp_path / "records", tmp_path / "out.pt"

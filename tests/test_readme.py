@@ -1,10 +1,13 @@
-"""The README's Python examples run, in order, in one namespace (as a reader would paste them);
-the Ray examples run in tests/test_ray_data.py."""
+"""The Python examples of the README and of the documentation pages run: the README's and the pages
+that follow it (support.EXECUTED_IN_ORDER) in order, in one namespace, as a reader would paste them;
+every other page's on its own (support.EXECUTED_ALONE); the Ray examples in tests/test_ray_data.py."""
 
 from pathlib import Path
 
 import bt_plugin
-from support import README, readme_python_blocks as python_blocks
+import pytest
+
+from support import EXECUTED_ALONE, ROOT, python_blocks as page_blocks, readme_python_blocks as python_blocks, uses_ray
 
 
 def test_readme_has_examples():
@@ -15,11 +18,34 @@ def test_readme_examples_run(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     namespace: dict = {}
     try:
-        for block in python_blocks():
-            exec(compile(block, str(README), "exec"), namespace)
+        for page, block in python_blocks():
+            exec(compile(block, str(page), "exec"), namespace)
     finally:
         bt_plugin.disable()
     assert bt_plugin.is_converted(namespace["model"]) is False  # the last example reverts
+
+
+@pytest.mark.parametrize("page", EXECUTED_ALONE, ids=lambda page: page.name)
+def test_page_examples_run(page, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    blocks = page_blocks(page)
+    assert blocks
+    namespace: dict = {}
+    try:
+        for block in blocks:
+            exec(compile(block, str(page), "exec"), namespace)
+    finally:
+        bt_plugin.disable()
+
+
+def test_every_page_with_python_examples_runs_them():
+    """A new page's examples cannot go unexecuted: each page with a ```python block is listed."""
+    from support import EXECUTED_IN_ORDER
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    with_blocks = {page for page in pages if page_blocks(page)}
+    assert with_blocks == set(EXECUTED_IN_ORDER) | set(EXECUTED_ALONE)
+    assert all(not uses_ray(block) for page in EXECUTED_ALONE for block in page_blocks(page))
 
 
 def test_readme_states_exactly_the_versions_ci_tests():
@@ -30,8 +56,7 @@ def test_readme_states_exactly_the_versions_ci_tests():
 
     from bt_plugin import compat
 
-    text = README.read_text()
-    section = text[text.index("## Versions"):text.index("## Integrations")]
+    section = (ROOT / "docs" / "versions.md").read_text()
     *pinned, newest = compat.TESTED_TRANSFORMERS
     assert ", ".join(pinned) in section
     assert f"the newest release ({newest} when this was written)" in section
@@ -41,3 +66,9 @@ def test_readme_states_exactly_the_versions_ci_tests():
     ci = Path(__file__).resolve().parent.parent / ".ci" / "matrix.py"
     listed = subprocess.run([sys.executable, str(ci), "versions"], capture_output=True, text=True, check=True)
     assert listed.stdout.split() == pinned
+
+
+def test_api_reference_lists_every_export():
+    """docs/api.md renders (mkdocstrings, `mkdocs build --strict` in CI) every public name of bt_plugin."""
+    api = (ROOT / "docs" / "api.md").read_text()
+    assert {line[len("::: bt_plugin."):].strip() for line in api.splitlines() if line.startswith("::: bt_plugin.")} == set(bt_plugin.__all__)

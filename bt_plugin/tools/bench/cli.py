@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from bt_plugin.tools.bench.peers import PEERS
-from bt_plugin.tools.bench.report import README_END, README_START, _pyplot, plot_sweep, render_markdown, rewrite_readme
+from bt_plugin.tools.bench.report import README_END, README_START, _pyplot, plot_speedups, render_markdown, rewrite_readme
 from bt_plugin.tools.bench.results import BenchResults, FALLBACK_MESSAGE
 from bt_plugin.tools.bench.runner import run_settings
 from bt_plugin.tools.bench.settings import (CANDIDATES, DEFAULT_REPEATS, DEFAULT_SHAPES, PRECISIONS, QUICK_REPEATS,
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"torch intra-op threads (default: torch's; {QUICK_THREADS} with --quick)")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                         help="measure peak memory in fresh processes (default: on, off with --quick)")
-    parser.add_argument("--plot", metavar="FILE.png", help="plot the sweep's speed-up against the real-token fraction")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw bt_plugin's speed-up against the real-token share, one line per shape, the ideal drawn (a PNG)")
     parser.add_argument("--json", metavar="FILE", help="write all results as JSON")
     parser.add_argument("--readme", metavar="README.md", help=f"rewrite the {README_START} ... {README_END} block")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help=argparse.SUPPRESS)
@@ -84,18 +84,16 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.readme:
         rewrite_readme(args.readme, report)
     if args.plot:
-        plot_sweep(results, args.plot)
+        plot_speedups(results, args.plot)
     return _verdict(results)
 
 
 def _check_outputs(args: argparse.Namespace, settings: Settings) -> None:
-    """Fail before the benchmark, not after it: README markers, matplotlib, a sweep to plot."""
+    """Fail before the benchmark, not after it: README markers, matplotlib."""
     if args.readme:
         rewrite_readme(args.readme, None)
     if args.plot:
         _pyplot()
-        if not any(workload == "sweep" for _, workload in settings.plan()):
-            raise ValueError("--plot draws the sweep workload, which this selection does not run")
 
 
 def _verdict(results: BenchResults) -> int:

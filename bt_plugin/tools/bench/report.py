@@ -1,4 +1,4 @@
-"""The report: markdown tables, the README block, the sweep plot."""
+"""The report: markdown tables, the README block, the speed-up chart."""
 
 from __future__ import annotations
 
@@ -144,30 +144,45 @@ def rewrite_readme(path: str | Path, block: str | None) -> None:
         path.write_text(pattern.sub(lambda _: f"{README_START}\n{block}\n{README_END}", text))
 
 
-def plot_sweep(results: BenchResults, path: str | Path) -> None:
-    """Speed-up over stock against the real-token fraction, per sweep shape, with the ideal 1/f."""
-    plt = _pyplot()
-    sweeps: dict[str, list[CaseResult]] = {}
+# The candidate the chart draws: what `auto` runs on a CPU (bt_plugin.kernels.device_table.AUTO_KERNEL).
+PLOTTED_CANDIDATE = "packed"
+
+
+def speedup_series(results: BenchResults, candidate: str = PLOTTED_CANDIDATE) -> dict[str, list[tuple[float, float]]]:
+    """Per shape (one line per family): `(real-token fraction, speed-up over stock)` of every fp32
+    case the candidate ran (text, no-padding, batch1, query, each small batch, each sweep point,
+    rerank), sorted by fraction; the chart's data."""
+    series: dict[str, list[tuple[float, float]]] = {}
     for case in results.cases:
-        if case.workload == "sweep":
-            sweeps.setdefault(case.shape, []).append(case)
-    if not sweeps:
-        raise ValueError("--plot needs the sweep workload")
-    figure, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4.5), squeeze=False)
-    for ax, (shape, cases) in zip(axes[0], sweeps.items()):
-        low = min(c.real_fraction for c in cases)
-        curve = [low + (1 - low) * i / 100 for i in range(101)]
-        ax.plot(curve, [1 / f for f in curve], "k--", label="ideal (1 / fraction)")
-        for name in results.settings.candidates:
-            points = [(c.real_fraction, c.ratio(c.row(name))) for c in cases if c.row(name).median_ms]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=name)
-        ax.set(xlabel="real-token fraction", ylabel="speed-up over stock (x)", yscale="log",
-               title=f"{shape}, batch {cases[0].batch_shape.split(' x ', 1)[1]}")
-        ax.legend()
-        ax.grid(True, which="both", alpha=0.3)
+        row = case.row(candidate)
+        ratio = case.ratio(row) if row is not None and row.median_ms else None
+        if ratio is not None:
+            series.setdefault(case.shape, []).append((case.real_fraction, ratio))
+    return {shape: sorted(points) for shape, points in series.items()}
+
+
+def plot_speedups(results: BenchResults, path: str | Path, candidate: str = PLOTTED_CANDIDATE) -> None:
+    """The chart: bt_plugin's speed-up over stock against the real-token share of the batch, one line
+    per family (shape), with the padding-free ideal 1 / share drawn; written as a PNG."""
+    plt = _pyplot()
+    series = speedup_series(results, candidate)
+    if not series:
+        raise ValueError(f"--plot needs a case that {candidate!r} ran")
+    figure, ax = plt.subplots(figsize=(7.5, 4.8))
+    low = min(fraction for points in series.values() for fraction, _ in points)
+    curve = [low + (1 - low) * i / 100 for i in range(101)]
+    ax.plot(curve, [1 / f for f in curve], "k--", label="ideal (1 / real-token share)")
+    for shape, points in series.items():
+        ax.plot(*zip(*points), marker="o", label=shape)
+    machine = results.machine
+    ax.set(xlabel="real tokens in the batch (share of padded positions)", ylabel="speed-up over stock (x)",
+           yscale="log", title=f"bt_plugin {candidate}, fp32, {machine.get('cpu', 'CPU')}, {machine.get('date', '')}")
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x:.0%}"))
+    ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda y, _: f"{y:g}x"))
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
-    figure.savefig(str(path), dpi=120)
+    figure.savefig(str(path), dpi=110)
     plt.close(figure)
 
 
