@@ -14,14 +14,21 @@ def test_readme_has_examples():
     assert len(python_blocks()) >= 4
 
 
-def test_readme_examples_run(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def run_in_one_namespace(blocks: list[tuple[Path, str]]) -> dict:
+    """Run `(page, block)` pairs in order in one namespace, as a reader pasting them would; the
+    plugin is disabled afterwards whatever happened."""
     namespace: dict = {}
     try:
-        for page, block in python_blocks():
+        for page, block in blocks:
             exec(compile(block, str(page), "exec"), namespace)
     finally:
         bt_plugin.disable()
+    return namespace
+
+
+def test_readme_examples_run(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    namespace = run_in_one_namespace(python_blocks())
     assert bt_plugin.is_converted(namespace["model"]) is False  # the last example reverts
 
 
@@ -30,12 +37,7 @@ def test_page_examples_run(page, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     blocks = page_blocks(page)
     assert blocks
-    namespace: dict = {}
-    try:
-        for block in blocks:
-            exec(compile(block, str(page), "exec"), namespace)
-    finally:
-        bt_plugin.disable()
+    run_in_one_namespace([(page, block) for block in blocks])
 
 
 def test_every_page_with_python_examples_runs_them():

@@ -12,7 +12,7 @@ from bt_plugin.tools.bench.report import README_END, README_START, _pyplot, plot
 from bt_plugin.tools.bench.results import BenchResults, FALLBACK_MESSAGE
 from bt_plugin.tools.bench.runner import run_settings
 from bt_plugin.tools.bench.settings import (CANDIDATES, DEFAULT_REPEATS, DEFAULT_SHAPES, PRECISIONS, QUICK_REPEATS,
-                                            QUICK_THREADS, SHAPES, WORKLOADS, Settings, make_settings)
+                                            QUICK_THREADS, SHAPES, WORKLOADS, make_settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +72,7 @@ def run_from_args(args: argparse.Namespace) -> int:
                                  args.memory, args.text_batches, 0, args.threads, args.precisions,
                                  args.precision_of_this_process,
                                  () if args.peers == ("none",) else args.peers, args.peer_of_this_process)
-        _check_outputs(args, settings)
+        _check_outputs(args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -88,7 +88,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     return _verdict(results)
 
 
-def _check_outputs(args: argparse.Namespace, settings: Settings) -> None:
+def _check_outputs(args: argparse.Namespace) -> None:
     """Fail before the benchmark, not after it: README markers, matplotlib."""
     if args.readme:
         rewrite_readme(args.readme, None)

@@ -6,6 +6,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from bt_plugin.kernels.device_table import AUTO_KERNEL
 from bt_plugin.tools.bench.results import BUSY_SHARE, BenchResults, CandidateResult, CaseResult, NOISY_SPREAD
 
 
@@ -144,8 +145,8 @@ def rewrite_readme(path: str | Path, block: str | None) -> None:
         path.write_text(pattern.sub(lambda _: f"{README_START}\n{block}\n{README_END}", text))
 
 
-# The candidate the chart draws: what `auto` runs on a CPU (bt_plugin.kernels.device_table.AUTO_KERNEL).
-PLOTTED_CANDIDATE = "packed"
+# The candidate the chart draws: what `auto` runs on a CPU.
+PLOTTED_CANDIDATE = AUTO_KERNEL["cpu"]
 
 
 def speedup_series(results: BenchResults, candidate: str = PLOTTED_CANDIDATE) -> dict[str, list[tuple[float, float]]]:
