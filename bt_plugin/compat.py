@@ -109,7 +109,7 @@ def is_transformers_capture_hook(hook) -> bool:
 # What CI tests (`.ci/run`): each of these transformers releases in a fresh environment, with
 # torch 2.13.0, the only torch these machines can install (other torch versions are untested).
 # The newest is the newest release at the time of this bt_plugin release.
-TESTED_TRANSFORMERS = ("4.48.3", "4.51.3", "4.53.3", "4.55.4", "4.57.6", "5.0.0", "5.24.0")
+TESTED_TRANSFORMERS = ("4.48.3", "4.51.3", "4.53.3", "4.55.4", "4.57.6", "5.0.0", "5.25.0")
 TESTED_TORCH = ("2.13.0",)
 # Outside these ranges the plugin still loads (a layer whose structure no longer matches its
 # spec stays stock with a reason), but the user is told once that it is untested.
