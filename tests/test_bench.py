@@ -143,6 +143,11 @@ def test_bench_end_to_end(tmp_path, capsys, monkeypatch):
     assert "torch " + torch.__version__ in block
     assert block.strip() in printed
 
+    # the JSON holds what was measured: read back, it gives the same data and the same report
+    again = bench_results.BenchResults.from_dict(data)
+    assert json.loads(json.dumps(again.to_dict())) == data
+    assert bench_report.render_markdown(again).strip() == block.strip()
+
 
 def test_rerank_workload_scores_pairs_through_cross_encoder_predict(monkeypatch):
     """CrossEncoder.predict in arrival order: exact scores, fused calls counted, and the real-token
@@ -270,9 +275,10 @@ def test_cli_lists_and_forwards_bench(capsys):
 
 def test_precisions_are_timed_in_processes_of_their_own_with_quality_and_their_own_limit(tmp_path, capsys):
     """Each precision but fp32 runs in a child process; its rows join the same case, ratios to fp32
-    stock, quality as the cosine of pooled outputs to fp32 stock, the limit in its own dtype."""
+    stock, quality as the cosine of pooled outputs to fp32 stock, the limit in its own dtype.
+    fastpath, which computes float32 only and steps aside under autocast, runs at fp32 alone."""
     out_json = tmp_path / "results.json"
-    argv = ["bench", *TINY, "--workloads", "text", "--candidates", "stock,packed", "--no-memory",
+    argv = ["bench", *TINY, "--workloads", "text", "--candidates", "stock,fastpath,packed", "--no-memory",
             "--precisions", "autocast,bf16,bf16-weights", "--json", str(out_json)]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
@@ -280,7 +286,8 @@ def test_precisions_are_timed_in_processes_of_their_own_with_quality_and_their_o
     assert data["problems"] == []
     [case] = data["cases"]
     rows = {(row["candidate"], row["precision"]): row for row in case["rows"]}
-    assert set(rows) == {("stock", "fp32"), ("packed", "fp32"), ("stock", "autocast"), ("packed", "autocast"),
+    assert set(rows) == {("stock", "fp32"), ("fastpath", "fp32"), ("packed", "fp32"), ("stock", "autocast"),
+                         ("packed", "autocast"),
                          ("packed", "bf16"), ("stock", "bf16-weights"), ("packed", "bf16-weights")}
     stock = rows["stock", "fp32"]
     for (name, precision), row in rows.items():

@@ -173,8 +173,9 @@ def plot_speedups(results: BenchResults, path: str | Path, candidate: str = PLOT
     low = min(fraction for points in series.values() for fraction, _ in points)
     curve = [low + (1 - low) * i / 100 for i in range(101)]
     ax.plot(curve, [1 / f for f in curve], "k--", label="ideal (1 / real-token share)")
-    for shape, points in series.items():
-        ax.plot(*zip(*points), marker="o", label=shape)
+    colours, markers = plt.get_cmap("tab20").colors, "os^Dv"  # distinct up to 20 shapes (tab10 repeats after 10)
+    for i, (shape, points) in enumerate(series.items()):
+        ax.plot(*zip(*points), color=colours[i % len(colours)], marker=markers[i % len(markers)], label=shape)
     machine = results.machine
     ax.set(xlabel="real tokens in the batch (share of padded positions)", ylabel="speed-up over stock (x)",
            yscale="log", title=f"bt_plugin {candidate}, fp32, {machine.get('cpu', 'CPU')}, {machine.get('date', '')}")

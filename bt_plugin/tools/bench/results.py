@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from bt_plugin.tools.bench.settings import CANDIDATES, QUALITY_FLOOR, Settings
 
@@ -170,3 +170,17 @@ class BenchResults:
                                share_of_limit=case.of_limit(row))
         data["problems"] = self.problems()
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BenchResults":
+        """What `to_dict()` wrote (a `--json` file), measured fields only: the derived columns are
+        recomputed, so the report, README block and plot can be drawn again without rerunning."""
+        def build(kind, raw: dict):
+            names = {f.name for f in fields(kind)}
+            return kind(**{key: value for key, value in raw.items() if key in names})
+
+        settings = build(Settings, {key: tuple(value) if isinstance(value, list) else value
+                                    for key, value in data["settings"].items()})
+        cases = [replace(build(CaseResult, raw), rows=[build(CandidateResult, row) for row in raw["rows"]])
+                 for raw in data["cases"]]
+        return cls(settings, dict(data["machine"]), cases, [build(MemoryResult, raw) for raw in data["memory"]])

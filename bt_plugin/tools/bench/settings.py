@@ -209,7 +209,25 @@ def shape_candidates(shape: str, settings: Settings) -> list[str]:
 
         return [settings.peer] if serves(SHAPES[shape]) else []
     return [name for name in settings.candidates if SHAPES[shape].runs(name)
-            and (settings.precision != "bf16" or CANDIDATES[name][1] is not None)]
+            and (settings.precision != "bf16" or CANDIDATES[name][1] is not None)
+            and computes_at(name, settings.precision)]
+
+
+def computes_at(candidate: str, precision: str) -> bool:
+    """Whether the candidate's kernel computes at `precision` on CPU, asked of the kernel's own
+    input check: fastpath's fused kernel takes float32 only and steps aside under autocast, so at a
+    reduced precision it would time the stock code it falls back to (and fail the run)."""
+    kernel = CANDIDATES[candidate][1]
+    if kernel is None or precision == "fp32":
+        return True
+    import torch
+
+    from bt_plugin.kernels import KERNELS
+
+    hidden = torch.zeros(1, 1, 1, dtype=getattr(torch, PRECISION_DTYPES[precision])
+                         if precision == "bf16-weights" else torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision in ("autocast", "bf16")):
+        return KERNELS[kernel].input_reason(hidden) is None
 
 
 def make_settings(shapes, workloads, candidates, repeats, quick, memory, text_batches, seed, threads=None,
