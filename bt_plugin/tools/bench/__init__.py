@@ -33,8 +33,8 @@ per batch, as many queries as text batches; sentence-transformers sorts each cal
 before batching; scores compared, the real-token share read from the masks the model received).
 By default every token workload runs on `bert-base`, all but the sweep on `minilm`,
 `modernbert-base`, `gte-base`, `minilm-lora`, `mpnet-base`, `deberta-v3-base` and
-`t5-base-encoder`, and rerank on `minilm-reranker` (about 37 minutes on an idle 2-core CPU before
-query and small-batch were added; not remeasured since). `--quick` runs `minilm` (text, no-padding,
+`t5-base-encoder`, and rerank on `minilm-reranker` (with the decoder shapes and
+`--precisions fp32,bf16` added, 75 minutes on an idle 2-core Intel Xeon, 2026-12-04). `--quick` runs `minilm` (text, no-padding,
 batch1, query, small-batch), `bert-small` (sweep at 32 x 128), `minilm-lora` and `gte-small`
 (text), `minilm-reranker` (one rerank query) and `bert-tiny` (hidden 32, 6 layers: small-batch,
 where a layer's per-call cost outweighs its matrix multiplies) with 3 repetitions, no memory
