@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -166,14 +167,10 @@ EXECUTED_ALONE = (ROOT / "docs" / "adding-an-architecture.md",)
 
 def python_blocks(page: Path) -> list[str]:
     """One page's ```python blocks, in order."""
-    import re
-
     return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
 
 
 def uses_ray(block: str) -> bool:
-    import re
-
     return bool(re.search(r"^\s*(import ray|ray\.)", block, re.M))
 
 

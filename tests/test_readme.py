@@ -7,7 +7,8 @@ from pathlib import Path
 import bt_plugin
 import pytest
 
-from support import EXECUTED_ALONE, ROOT, python_blocks as page_blocks, readme_python_blocks as python_blocks, uses_ray
+from support import (EXECUTED_ALONE, EXECUTED_IN_ORDER, ROOT, python_blocks as page_blocks,
+                     readme_python_blocks as python_blocks, uses_ray)
 
 
 def test_readme_has_examples():
@@ -42,8 +43,6 @@ def test_page_examples_run(page, monkeypatch):
 
 def test_every_page_with_python_examples_runs_them():
     """A new page's examples cannot go unexecuted: each page with a ```python block is listed."""
-    from support import EXECUTED_IN_ORDER
-
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     with_blocks = {page for page in pages if page_blocks(page)}
     assert with_blocks == set(EXECUTED_IN_ORDER) | set(EXECUTED_ALONE)
@@ -65,7 +64,7 @@ def test_readme_states_exactly_the_versions_ci_tests():
     assert all(f"torch {version}" in section for version in compat.TESTED_TORCH)
     for package, spec in compat.SUPPORTED_VERSIONS.items():
         assert f"{package}{spec}" in section
-    ci = Path(__file__).resolve().parent.parent / ".ci" / "matrix.py"
+    ci = ROOT / ".ci" / "matrix.py"
     listed = subprocess.run([sys.executable, str(ci), "versions"], capture_output=True, text=True, check=True)
     assert listed.stdout.split() == pinned
 

@@ -208,17 +208,18 @@ def shape_candidates(shape: str, settings: Settings) -> list[str]:
         from bt_plugin.tools.bench.peers import serves
 
         return [settings.peer] if serves(SHAPES[shape]) else []
-    return [name for name in settings.candidates if SHAPES[shape].runs(name)
-            and (settings.precision != "bf16" or CANDIDATES[name][1] is not None)
-            and computes_at(name, settings.precision)]
+    return [name for name in settings.candidates if SHAPES[shape].runs(name) and computes_at(name, settings.precision)]
 
 
 def computes_at(candidate: str, precision: str) -> bool:
-    """Whether the candidate's kernel computes at `precision` on CPU, asked of the kernel's own
-    input check: fastpath's fused kernel takes float32 only and steps aside under autocast, so at a
-    reduced precision it would time the stock code it falls back to (and fail the run)."""
+    """Whether the candidate runs at `precision` on CPU. Stock runs every precision but bf16
+    (bt_plugin's own option); a kernel is asked through its own input check: fastpath's fused kernel
+    takes float32 only and steps aside under autocast, so at a reduced precision it would time the
+    stock code it falls back to (and fail the run)."""
     kernel = CANDIDATES[candidate][1]
-    if kernel is None or precision == "fp32":
+    if kernel is None:
+        return precision != "bf16"
+    if precision == "fp32":
         return True
     import torch
 
