@@ -1,6 +1,8 @@
 """Checks an installed bt_plugin: the .pth hook converts from_pretrained with BT_PLUGIN=1 and only then."""
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -13,7 +15,8 @@ assert not (site / "patches").exists(), "a top-level 'patches' package was insta
 
 from transformers import BertConfig, BertModel  # noqa: E402
 
-directory = tempfile.mkdtemp()
+directory = tempfile.mkdtemp(prefix="zero-code-")
+atexit.register(shutil.rmtree, directory, ignore_errors=True)
 BertModel(BertConfig(hidden_size=256, num_attention_heads=4, intermediate_size=512, num_hidden_layers=2)).save_pretrained(directory)
 
 SCRIPT = f"""

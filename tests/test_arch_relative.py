@@ -32,12 +32,12 @@ def pairs():
         if key not in cache:
             cls = getattr(transformers, cls_name)
             torch.manual_seed(0)
-            directory = tempfile.mkdtemp()
-            cls(transformers.MPNetConfig(**CONFIG)).save_pretrained(directory)
             kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-            stock = cls.from_pretrained(directory, **kwargs).eval()
-            with bt_plugin.enabled(kernel=kernel):
-                converted = cls.from_pretrained(directory, **kwargs).eval()
+            with tempfile.TemporaryDirectory() as directory:
+                cls(transformers.MPNetConfig(**CONFIG)).save_pretrained(directory)
+                stock = cls.from_pretrained(directory, **kwargs).eval()
+                with bt_plugin.enabled(kernel=kernel):
+                    converted = cls.from_pretrained(directory, **kwargs).eval()
             cache[key] = (stock, converted)
         return cache[key]
 
@@ -163,11 +163,11 @@ def binned_pairs():
             config_class, values, _, _ = BINNED_CASES[model_type]
             cls = getattr(transformers, cls_name)
             torch.manual_seed(0)
-            directory = tempfile.mkdtemp()
-            cls(getattr(transformers, config_class)(**values)).save_pretrained(directory)
-            stock = cls.from_pretrained(directory).eval()
-            with bt_plugin.enabled():
-                converted = cls.from_pretrained(directory).eval()
+            with tempfile.TemporaryDirectory() as directory:
+                cls(getattr(transformers, config_class)(**values)).save_pretrained(directory)
+                stock = cls.from_pretrained(directory).eval()
+                with bt_plugin.enabled():
+                    converted = cls.from_pretrained(directory).eval()
             cache[key] = (stock, converted)
         return cache[key]
 

@@ -55,11 +55,11 @@ def pairs():
         if key not in cache:
             cls = getattr(transformers, CASES[model_type][2 if head else 1])
             torch.manual_seed(0)
-            directory = tempfile.mkdtemp()
-            cls(make_config(model_type)).save_pretrained(directory)
-            stock = cls.from_pretrained(directory).eval()
-            with bt_plugin.enabled(kernel=kernel):
-                converted = cls.from_pretrained(directory).eval()
+            with tempfile.TemporaryDirectory() as directory:
+                cls(make_config(model_type)).save_pretrained(directory)
+                stock = cls.from_pretrained(directory).eval()
+                with bt_plugin.enabled(kernel=kernel):
+                    converted = cls.from_pretrained(directory).eval()
             cache[key] = (stock, converted)
         return cache[key]
 

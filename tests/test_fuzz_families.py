@@ -39,7 +39,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def models():
     """`models(family, model_type, head, kernel)` -> (stock, converted), each saved once and
-    loaded back with `from_pretrained`, stock and under `enabled(kernel=...)`."""
+    loaded back with `from_pretrained`, stock and under `enabled(kernel=...)`; the saved
+    checkpoints are deleted when the module's tests end."""
+    root = tempfile.TemporaryDirectory(prefix="fuzz-")
     saved: dict[tuple, tuple[type, str]] = {}
     loaded: dict[tuple, tuple] = {}
 
@@ -49,7 +51,7 @@ def models():
             config = families.example_config(model_type, family)
             cls = families.model_classes(config)[head]
             torch.manual_seed(0)
-            directory = tempfile.mkdtemp(prefix=f"fuzz-{model_type}-")
+            directory = tempfile.mkdtemp(prefix=f"{model_type}-", dir=root.name)
             cls(config).save_pretrained(directory)
             saved[key] = (cls, directory)
         if key + (kernel,) not in loaded:
@@ -60,7 +62,8 @@ def models():
             loaded[key + (kernel,)] = (stock, converted)
         return loaded[key + (kernel,)]
 
-    return get
+    with root:
+        yield get
 
 
 @st.composite

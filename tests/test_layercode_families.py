@@ -100,11 +100,11 @@ def test_a_replaced_projection_runs_padding_free(name):
     config_class, model_class, values, make_inputs, read = CASES[name]
     cls = getattr(transformers, model_class)
     torch.manual_seed(0)
-    directory = tempfile.mkdtemp()
-    cls(getattr(transformers, config_class)(**values)).save_pretrained(directory)
-    stock = cls.from_pretrained(directory).eval()
-    with bt_plugin.enabled():
-        converted = cls.from_pretrained(directory).eval()
+    with tempfile.TemporaryDirectory() as directory:
+        cls(getattr(transformers, config_class)(**values)).save_pretrained(directory)
+        stock = cls.from_pretrained(directory).eval()
+        with bt_plugin.enabled():
+            converted = cls.from_pretrained(directory).eval()
     spec = registry.all_specs()[name]
     assert bt_plugin.explain(converted).family == name
     wrap_queries(stock, spec)

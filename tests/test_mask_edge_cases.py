@@ -26,11 +26,11 @@ def load_pair(model_type: str, head: str = "base", kernel: str = "auto", family:
     config = families.example_config(model_type, family)
     cls = families.model_classes(config)[head]
     torch.manual_seed(0)
-    directory = tempfile.mkdtemp(prefix=f"edge-{model_type}-")
-    cls(config).save_pretrained(directory)
-    stock = cls.from_pretrained(directory).eval()
-    with bt_plugin.enabled(kernel=kernel):
-        converted = cls.from_pretrained(directory).eval()
+    with tempfile.TemporaryDirectory(prefix=f"edge-{model_type}-") as directory:
+        cls(config).save_pretrained(directory)
+        stock = cls.from_pretrained(directory).eval()
+        with bt_plugin.enabled(kernel=kernel):
+            converted = cls.from_pretrained(directory).eval()
     return stock, converted
 
 

@@ -40,11 +40,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def load_pair(cls, config, kernel: str = "packed", seed: int = 0):
     """(stock, converted) of `cls(config)`, saved and loaded back through from_pretrained."""
     torch.manual_seed(seed)
-    directory = tempfile.mkdtemp()
-    cls(config).save_pretrained(directory)
-    stock = cls.from_pretrained(directory).eval()
-    with bt_plugin.enabled(kernel=kernel):
-        converted = cls.from_pretrained(directory).eval()
+    with tempfile.TemporaryDirectory() as directory:
+        cls(config).save_pretrained(directory)
+        stock = cls.from_pretrained(directory).eval()
+        with bt_plugin.enabled(kernel=kernel):
+            converted = cls.from_pretrained(directory).eval()
     assert bt_plugin.is_converted(converted) and not bt_plugin.is_converted(stock)
     return stock, converted
 
