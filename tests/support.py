@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 
 import torch
 import transformers
+
+import bt_plugin
 
 # model_type -> (config class, base model class, one task-head class), all with the family's defaults.
 ARCHITECTURES = {
@@ -46,6 +49,19 @@ def save_model(model_type: str, directory, head: bool = False, seed: int = 0, **
     model = model_class(model_type, head)(make_config(model_type, **overrides))
     model.save_pretrained(str(directory))
     return str(directory)
+
+
+def stock_and_converted(cls, config, kernel: str = "auto", seed: int = 0, **load_kwargs) -> tuple:
+    """`cls(config)` initialised from `seed`, saved to a temporary folder (deleted on return) and
+    loaded back twice with `from_pretrained(**load_kwargs)`: stock, and under
+    `bt_plugin.enabled(kernel=kernel)`; both in eval mode."""
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory(prefix=f"{config.model_type}-") as directory:
+        cls(config).save_pretrained(directory)
+        stock = cls.from_pretrained(directory, **load_kwargs).eval()
+        with bt_plugin.enabled(kernel=kernel):
+            converted = cls.from_pretrained(directory, **load_kwargs).eval()
+    return stock, converted
 
 
 def wordpiece_tokenizer(words: list[str], directory):

@@ -3,8 +3,6 @@ packed kernel. Against stock transformers, realistic width, saved and reloaded."
 
 from __future__ import annotations
 
-import tempfile
-
 import pytest
 import torch
 import transformers
@@ -30,15 +28,9 @@ def pairs():
     def get(cls_name: str, kernel: str = "packed", attn_implementation: str | None = None):
         key = (cls_name, kernel, attn_implementation)
         if key not in cache:
-            cls = getattr(transformers, cls_name)
-            torch.manual_seed(0)
             kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-            with tempfile.TemporaryDirectory() as directory:
-                cls(transformers.MPNetConfig(**CONFIG)).save_pretrained(directory)
-                stock = cls.from_pretrained(directory, **kwargs).eval()
-                with bt_plugin.enabled(kernel=kernel):
-                    converted = cls.from_pretrained(directory, **kwargs).eval()
-            cache[key] = (stock, converted)
+            cache[key] = support.stock_and_converted(getattr(transformers, cls_name), transformers.MPNetConfig(**CONFIG),
+                                                     kernel, **kwargs)
         return cache[key]
 
     return get
@@ -161,14 +153,8 @@ def binned_pairs():
         key = (model_type, cls_name)
         if key not in cache:
             config_class, values, _, _ = BINNED_CASES[model_type]
-            cls = getattr(transformers, cls_name)
-            torch.manual_seed(0)
-            with tempfile.TemporaryDirectory() as directory:
-                cls(getattr(transformers, config_class)(**values)).save_pretrained(directory)
-                stock = cls.from_pretrained(directory).eval()
-                with bt_plugin.enabled():
-                    converted = cls.from_pretrained(directory).eval()
-            cache[key] = (stock, converted)
+            cache[key] = support.stock_and_converted(getattr(transformers, cls_name),
+                                                     getattr(transformers, config_class)(**values))
         return cache[key]
 
     return get

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import pickle
-import tempfile
 
 import pytest
 import torch
@@ -54,13 +53,7 @@ def pairs():
         key = (model_type, head, kernel)
         if key not in cache:
             cls = getattr(transformers, CASES[model_type][2 if head else 1])
-            torch.manual_seed(0)
-            with tempfile.TemporaryDirectory() as directory:
-                cls(make_config(model_type)).save_pretrained(directory)
-                stock = cls.from_pretrained(directory).eval()
-                with bt_plugin.enabled(kernel=kernel):
-                    converted = cls.from_pretrained(directory).eval()
-            cache[key] = (stock, converted)
+            cache[key] = support.stock_and_converted(cls, make_config(model_type), kernel)
         return cache[key]
 
     return get

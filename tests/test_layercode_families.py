@@ -4,8 +4,6 @@ against the stock model wrapped the same way."""
 
 from __future__ import annotations
 
-import tempfile
-
 import pytest
 import torch
 import transformers
@@ -99,12 +97,7 @@ def test_the_cases_cover_every_padded_family_with_the_attention_interface():
 def test_a_replaced_projection_runs_padding_free(name):
     config_class, model_class, values, make_inputs, read = CASES[name]
     cls = getattr(transformers, model_class)
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as directory:
-        cls(getattr(transformers, config_class)(**values)).save_pretrained(directory)
-        stock = cls.from_pretrained(directory).eval()
-        with bt_plugin.enabled():
-            converted = cls.from_pretrained(directory).eval()
+    stock, converted = support.stock_and_converted(cls, getattr(transformers, config_class)(**values))
     spec = registry.all_specs()[name]
     assert bt_plugin.explain(converted).family == name
     wrap_queries(stock, spec)

@@ -4,8 +4,6 @@ one the property tests over every family (tests/test_fuzz_families.py) found wro
 
 from __future__ import annotations
 
-import tempfile
-
 import pytest
 import torch
 
@@ -14,6 +12,7 @@ from bt_plugin.kernels.binned import BINNED
 from bt_plugin.loading import registry
 
 import families
+import support
 
 ATOL = 1e-5
 BINNED_MODEL_TYPES = [model_type for spec in registry.all_specs().values() if spec.binned
@@ -24,14 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def load_pair(model_type: str, head: str = "base", kernel: str = "auto", family: str | None = None):
     config = families.example_config(model_type, family)
-    cls = families.model_classes(config)[head]
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory(prefix=f"edge-{model_type}-") as directory:
-        cls(config).save_pretrained(directory)
-        stock = cls.from_pretrained(directory).eval()
-        with bt_plugin.enabled(kernel=kernel):
-            converted = cls.from_pretrained(directory).eval()
-    return stock, converted
+    return support.stock_and_converted(families.model_classes(config)[head], config, kernel)
 
 
 def holes_mask() -> torch.Tensor:

@@ -8,8 +8,6 @@ padded positions included, must equal stock. Base models still drop the padding 
 
 from __future__ import annotations
 
-import tempfile
-
 import pytest
 import torch
 import transformers
@@ -39,12 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def load_pair(cls, config, kernel: str = "packed", seed: int = 0):
     """(stock, converted) of `cls(config)`, saved and loaded back through from_pretrained."""
-    torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as directory:
-        cls(config).save_pretrained(directory)
-        stock = cls.from_pretrained(directory).eval()
-        with bt_plugin.enabled(kernel=kernel):
-            converted = cls.from_pretrained(directory).eval()
+    stock, converted = support.stock_and_converted(cls, config, kernel, seed)
     assert bt_plugin.is_converted(converted) and not bt_plugin.is_converted(stock)
     return stock, converted
 
