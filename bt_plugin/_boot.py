@@ -14,6 +14,7 @@ import warnings
 FLAG = "BT_PLUGIN"
 KERNEL_FLAG = "BT_PLUGIN_KERNEL"
 PRECISION_FLAG = "BT_PLUGIN_PRECISION"
+PREPACK_FLAG = "BT_PLUGIN_PREPACK"  # 1/true/yes/on: the prepacked weight copy (see bt_plugin.dispatch.derived)
 TARGET_MODULE = "transformers.modeling_utils"
 TRUE_VALUES = ("1", "true", "yes", "on")
 FALSE_VALUES = ("", "0", "false", "no", "off")
@@ -63,12 +64,17 @@ def main() -> None:
 
 def activate() -> None:
     """Enable the plugin from the environment (kernel from BT_PLUGIN_KERNEL, precision from
-    BT_PLUGIN_PRECISION)."""
+    BT_PLUGIN_PRECISION, the prepacked copy from BT_PLUGIN_PREPACK)."""
     try:
         from bt_plugin.loading.patching import enable
 
+        prepack = parse_flag(os.environ.get(PREPACK_FLAG))
+        if prepack is None:
+            raise ValueError(f"{PREPACK_FLAG}={os.environ.get(PREPACK_FLAG)!r}: use one of "
+                             f"{', '.join(TRUE_VALUES)} or {', '.join(v or repr(v) for v in FALSE_VALUES)}")
         enable(kernel=os.environ.get(KERNEL_FLAG, "auto").strip() or "auto",
-               precision=os.environ.get(PRECISION_FLAG, "fp32").strip().lower() or "fp32", _source="env")
+               precision=os.environ.get(PRECISION_FLAG, "fp32").strip().lower() or "fp32", prepack=prepack,
+               _source="env")
     except Exception as error:
         _warn_failure(error)
 

@@ -35,6 +35,14 @@ NATIVE_BF16 = ("amx_bf16", "avx512_bf16", "bf16")
 # measured by `python -m bt_plugin bench --precisions`, see README); fp32 elsewhere, CUDA and
 # unlisted devices included until a measurement says otherwise.
 AUTO_PRECISION = {"cpu": "bf16", "cuda": "fp32"}
+# ... and per call, where the device table says bf16: `auto` computes a call in bf16 only where bf16
+# is the faster (measured with `python -m bt_plugin bench --workloads query,document,small-batch
+# --precisions bf16`, per row). A fused layer computes on its prepacked bf16 copy, which pays from
+# this width on (the casts of a narrower layer's tokens cost more than its multiplies save: hidden
+# 32, 0.6x of fp32); a layer that runs its own code under autocast casts each weight on every call,
+# which pays from this many tokens a call on (T5-base: 0.46x of fp32 at 1 token, 1.5x at 150).
+AUTO_BF16_MIN_WIDTH = 256
+AUTO_BF16_MIN_TOKENS = 64
 
 
 def check_precision_name(name: str) -> str:
@@ -42,6 +50,14 @@ def check_precision_name(name: str) -> str:
     if name not in PRECISION_CHOICES:
         raise ValueError(f"unknown precision {name!r}; valid precisions: {', '.join(PRECISION_CHOICES)}")
     return name
+
+
+def check_prepack(prepack) -> bool:
+    """Return `prepack` if it is True or False (the opt-in for a prepacked copy of the matrix
+    weights, see bt_plugin.dispatch.derived), else raise a ValueError naming the valid values."""
+    if prepack is not True and prepack is not False:
+        raise ValueError(f"prepack must be True or False, got {prepack!r}")
+    return prepack
 
 
 @functools.lru_cache(maxsize=1)
@@ -82,10 +98,11 @@ def resolve_precision(name: str, device_type: str = "cpu") -> str:
     return auto_choice(device_type)[0] if name == "auto" else name
 
 
-def compute_dtype(name: str | None, hidden, layer) -> torch.dtype | None:
-    """The autocast dtype one layer call computes in under precision `name`, or None (as loaded):
-    only inference calls (eval mode, no gradient recorded) on float32 hidden states, outside a
-    user's own autocast."""
+def compute_dtype(name: str | None, hidden, layer, own_code: bool = False) -> torch.dtype | None:
+    """The dtype one layer call computes in under precision `name`, or None (as loaded): only
+    inference calls (eval mode, no gradient recorded) on float32 hidden states, outside a user's own
+    autocast; under `auto`, only calls where bf16 pays (`auto_pays`; `own_code`: the layer runs its
+    own code under autocast, not a fused kernel)."""
     if not name or name == "fp32" or not isinstance(hidden, torch.Tensor) or hidden.dtype != torch.float32:
         return None
     device = hidden.device.type
@@ -93,7 +110,28 @@ def compute_dtype(name: str | None, hidden, layer) -> torch.dtype | None:
         return None
     if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in layer.parameters())):
         return None
-    return DTYPES.get(resolve_precision(name, device))
+    dtype = DTYPES.get(resolve_precision(name, device))
+    if dtype is not None and name == "auto" and not auto_pays(hidden, own_code):
+        return None
+    return dtype
+
+
+def auto_pays(hidden: torch.Tensor, own_code: bool) -> bool:
+    """Whether `auto` computes this call in bf16: a fused layer from AUTO_BF16_MIN_WIDTH hidden
+    features, a layer running its own code from AUTO_BF16_MIN_TOKENS tokens (padded positions
+    included: the shape is what the call costs before its padding is removed)."""
+    if own_code:
+        return hidden.numel() // max(hidden.size(-1), 1) >= AUTO_BF16_MIN_TOKENS
+    return hidden.size(-1) >= AUTO_BF16_MIN_WIDTH
+
+
+def auto_rule(device_type: str = "cpu") -> str:
+    """What `auto` computes in on this device, per call, in words (for `doctor`)."""
+    choice, why = auto_choice(device_type)
+    if choice == "fp32":
+        return f"fp32 ({why})"
+    return (f"bf16 ({why}) for fused layers of hidden size >= {AUTO_BF16_MIN_WIDTH} and for layers running their "
+            f"own code on calls of >= {AUTO_BF16_MIN_TOKENS} tokens; fp32 below, where bf16 would be slower")
 
 
 def computing_in(dtype: torch.dtype | None, device_type: str):
@@ -110,10 +148,11 @@ def precision_label(hidden) -> str | None:
         return None
     device = hidden.device.type
     if torch.is_autocast_enabled(device):
-        return f"{_short(torch.get_autocast_dtype(device))} (autocast)"
-    return _short(hidden.dtype)
+        return f"{short_name(torch.get_autocast_dtype(device))} (autocast)"
+    return short_name(hidden.dtype)
 
 
-def _short(dtype: torch.dtype) -> str:
+def short_name(dtype: torch.dtype) -> str:
+    """`bf16`, `fp16`, `fp32`, or the dtype's own name."""
     name = _SHORT_NAMES.get(dtype)
     return name if name is not None else str(dtype).replace("torch.", "")

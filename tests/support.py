@@ -51,15 +51,16 @@ def save_model(model_type: str, directory, head: bool = False, seed: int = 0, **
     return str(directory)
 
 
-def stock_and_converted(cls, config, kernel: str = "auto", seed: int = 0, **load_kwargs) -> tuple:
+def stock_and_converted(cls, config, kernel: str = "auto", seed: int = 0, prepack: bool = False,
+                        **load_kwargs) -> tuple:
     """`cls(config)` initialised from `seed`, saved to a temporary folder (deleted on return) and
     loaded back twice with `from_pretrained(**load_kwargs)`: stock, and under
-    `bt_plugin.enabled(kernel=kernel)`; both in eval mode."""
+    `bt_plugin.enabled(kernel=kernel, prepack=prepack)`; both in eval mode."""
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix=f"{config.model_type}-") as directory:
         cls(config).save_pretrained(directory)
         stock = cls.from_pretrained(directory, **load_kwargs).eval()
-        with bt_plugin.enabled(kernel=kernel):
+        with bt_plugin.enabled(kernel=kernel, prepack=prepack):
             converted = cls.from_pretrained(directory, **load_kwargs).eval()
     return stock, converted
 

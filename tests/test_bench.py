@@ -116,8 +116,9 @@ def test_bench_end_to_end(tmp_path, capsys, monkeypatch):
 
     assert data["problems"] == []
     sizes = len(bench_settings.SMALL_BATCH_SIZES)
-    assert [c["workload"] for c in data["cases"]] == ["text", "no-padding", "batch1", "query"] + ["small-batch"] * sizes + ["sweep"] * 5
-    assert [round(c["real_fraction"], 2) for c in data["cases"][1:4]] == [1.0, 1.0, 1.0]
+    assert [c["workload"] for c in data["cases"]] == (["text", "no-padding", "batch1", "query", "document"]
+                                                      + ["small-batch"] * sizes + ["sweep"] * 5)
+    assert [round(c["real_fraction"], 2) for c in data["cases"][1:5]] == [1.0, 1.0, 1.0, 1.0]
     assert [round(c["real_fraction"], 2) for c in data["cases"][-5:]] == list(bench_settings.SWEEP_FRACTIONS)
     for case in data["cases"]:
         rows = {row["candidate"]: row for row in case["rows"]}
@@ -139,7 +140,8 @@ def test_bench_end_to_end(tmp_path, capsys, monkeypatch):
     assert rewritten.startswith("# Title\n\nbefore\n\n" + bench_report.README_START + "\n")
     assert rewritten.endswith(bench_report.README_END + "\n\nafter\n") and "old table" not in rewritten
     block = rewritten.split(bench_report.README_START)[1].split(bench_report.README_END)[0]
-    assert "**tiny · sweep**" in block and "| fastpath |" in block and "Measured on" in block
+    assert "**tiny · sweep**" in block and "**tiny · document**" in block and "| fastpath |" in block
+    assert "Measured on" in block
     assert "torch " + torch.__version__ in block
     assert block.strip() in printed
 
@@ -196,6 +198,30 @@ def test_real_flops_count_every_linear_and_attention_from_the_model():
     assert limit.matmul_rate(limit.encoder_linears(model, paths[:1]), [22], repeats=1) > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_rate_times_every_linear_route_and_keeps_the_fastest(monkeypatch, dtype):
+    """F.linear on plain weights and oneDNN on weights packed once compute the same linear; the
+    limit is the faster route's rate, whichever it is."""
+    from collections import Counter
+
+    from bt_plugin.tools.bench import limit
+
+    linears = Counter({(64, 64): 4, (64, 256): 1, (256, 64): 1})
+    weights = {(i, o): (torch.randn(o, i, dtype=dtype), torch.randn(o, dtype=dtype)) for i, o in linears}
+    routes = limit.linear_routes(weights)
+    assert list(routes) == ["F.linear", "oneDNN packed"]  # torch's CPU wheels have oneDNN
+    for (i, o), (weight, bias) in weights.items():
+        x = torch.randn(7, i, dtype=dtype)
+        for route in routes.values():
+            torch.testing.assert_close(route(x, (i, o)), torch.nn.functional.linear(x, weight, bias))
+    flops = 2 * 7 * (4 * 64 * 64 + 2 * 64 * 256)
+    for seconds in ([2.0, 0.5], [0.25, 1.0]):
+        timed = []
+        monkeypatch.setattr(limit, "route_seconds", lambda route, *args: timed.append(route) or seconds[len(timed) - 1])
+        assert limit.matmul_rate(linears, [7], dtype=dtype) == pytest.approx(flops / min(seconds))
+        assert len(timed) == 2
+
+
 def test_rerank_runs_on_reranker_shapes_only():
     settings = bench_settings.make_settings(None, None, None, None, False, None, None, 0)
     assert ("minilm-reranker", "rerank") in settings.plan()
@@ -206,7 +232,7 @@ def test_rerank_runs_on_reranker_shapes_only():
 
 def test_peak_memory_of_one_forward_in_fresh_processes():
     results = bench.run(["tiny"], ["text"], candidates=["fastpath"], repeats=1, text_batches=1, threads=1,
-                        progress=False)
+                        progress=False, peers=())
     memory = {m.candidate: m for m in results.memory}
     assert set(memory) == {"stock", "fastpath"}
     for m in memory.values():
@@ -232,7 +258,7 @@ def test_fallback_is_a_problem_of_the_results():
     handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
     try:
         results = bench.run(["tiny"], ["batch1"], candidates=["fastpath"], repeats=1, memory=False,
-                            threads=1, progress=False)
+                            threads=1, progress=False, peers=())
     finally:
         handle.remove()
     row = results.cases[0].row("fastpath")
@@ -330,6 +356,32 @@ def test_query_and_small_batch_cases_are_real_short_texts():
     assert all(b["attention_mask"][:, -1].all() for c in left for b in c.batches)
 
 
+def test_document_cases_are_real_paragraphs_of_100_to_200_tokens_one_per_call():
+    """document: DOCUMENT_CALLS real paragraphs, one per call, unpadded, each DOCUMENT_TOKENS long with
+    the shape's tokenizer; the same for the same seed; run wherever query runs by default."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(bench_models.minilm_dir()))
+    [document] = bench_cases.document_cases("minilm", tokenizer, seed=0)
+    assert document.workload == "document" and document.real_fraction == 1.0
+    assert len(document.batches) == bench_settings.DOCUMENT_CALLS == 8
+    low, high = bench_settings.DOCUMENT_TOKENS
+    lengths = [b["input_ids"].shape[1] for b in document.batches]
+    assert all(b["input_ids"].shape[0] == 1 for b in document.batches)
+    assert (low, high) == (100, 200) and all(low <= n <= high for n in lengths) and len(set(lengths)) > 1
+    texts = bench_cases.documents(bench_settings.DOCUMENT_CALLS, 0, tokenizer)
+    assert len(set(texts)) == len(texts) and set(texts) <= set(corpus.paragraphs())
+    assert torch.equal(document.batches[0]["input_ids"], tokenizer(texts[0], return_tensors="pt")["input_ids"])
+    [again] = bench_cases.document_cases("minilm", tokenizer, seed=0)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(document.batches, again.batches))
+    assert bench_cases.documents(bench_settings.DOCUMENT_CALLS, 1, tokenizer) != texts
+    for quick in (False, True):
+        plan = bench_settings.make_settings(list(bench_settings.SHAPES), None, None, None, quick, None, None, 0,
+                                            peers=()).plan()
+        assert {s for s, w in plan if w == "query"} == {s for s, w in plan if w == "document"}
+        assert ("minilm", "document") in plan
+
+
 def test_onnx_runtime_is_a_peer_row_timed_in_its_own_process(tmp_path, capsys):
     """With onnxruntime installed, its row joins the same cases (the export of stock's weights,
     compared with stock on real tokens), ratios to stock; a peer is shown, never judged."""
@@ -358,10 +410,64 @@ def test_onnx_runtime_is_a_peer_row_timed_in_its_own_process(tmp_path, capsys):
 
 def test_an_unknown_or_missing_peer_is_refused_naming_the_valid_ones(capsys, monkeypatch):
     assert cli.main(["bench", *TINY, "--peers", "tensorrt"]) == 2
-    assert "unknown peer tensorrt; valid: onnxruntime" in capsys.readouterr().err
+    assert "unknown peer tensorrt; valid: onnxruntime, openvino-f32, openvino" in capsys.readouterr().err
     from bt_plugin.tools.bench import peers
 
     monkeypatch.setattr(peers, "installed_peers", lambda: ())
     assert cli.main(["bench", *TINY, "--peers", "onnxruntime"]) == 2
     assert "pip install 'bt-plugin[peers]'" in capsys.readouterr().err
     assert bench_settings.make_settings(["tiny"], None, None, 1, False, False, 1, 0).peers == ()
+
+
+def test_openvino_f32_returns_stocks_last_hidden_state(tmp_path):
+    """openvino-f32: stock's model converted and compiled at f32 gives stock's last_hidden_state on
+    real tokens (unpadded and padded batches of other sizes than the traced one)."""
+    import transformers
+
+    from bt_plugin.tools.bench import peers
+
+    assert {"openvino-f32", "openvino"} <= set(peers.installed_peers())  # the test extra installs them
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=2,
+                                     vocab_size=2000)
+    model = transformers.BertModel(config).eval()
+    served = peers.peer_model("openvino-f32", model, tmp_path, threads=1)
+    assert served.computes_in == "f32" and bench_timing.peer_precision("openvino-f32", served) is None
+    for seed, lengths in enumerate(([5], [40, 9, 1], [16, 16])):
+        batch = bench_cases.random_batch(lengths, max(lengths), config.vocab_size, seed)
+        with torch.inference_mode():
+            expected = model(**batch).last_hidden_state
+        got = served(**batch)
+        real = batch["attention_mask"].bool()
+        assert got.shape == expected.shape and (got[real] - expected[real]).abs().max() <= 1e-4
+
+
+def test_openvino_peers_are_rows_each_timed_in_a_process_of_its_own(tmp_path, capsys, monkeypatch):
+    """openvino-f32 and openvino: two child processes (one each), their rows joining the same cases;
+    the default precision is named in its row and, below f32, judged by cosine with its own limit."""
+    from bt_plugin.tools.bench import runner
+
+    commands = []
+    run = runner.subprocess.run
+    monkeypatch.setattr(runner.subprocess, "run", lambda command, **kw: commands.append(command) or run(command, **kw))
+    out_json = tmp_path / "results.json"
+    argv = ["bench", *TINY, "--workloads", "batch1,small-batch", "--candidates", "stock,packed", "--no-memory",
+            "--peers", "openvino-f32,openvino", "--json", str(out_json)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    peer_processes = [c[c.index("--peer-of-this-process") + 1] for c in commands if "--peer-of-this-process" in c]
+    assert peer_processes == ["openvino-f32", "openvino"]
+    data = json.loads(out_json.read_text())
+    assert data["problems"] == []
+    for case in data["cases"]:
+        rows = {row["candidate"]: row for row in case["rows"]}
+        assert list(rows) == ["stock", "packed", "openvino-f32", "openvino"]
+        f32, default = rows["openvino-f32"], rows["openvino"]
+        assert f32["computes_in"] is None and f32["max_abs_diff"] <= 1e-4 and f32["min_cosine"] is None
+        assert f32["share_of_limit"] and f32["matmul_gflops"] is None  # the candidates' fp32 rate, the case's
+        assert default["computes_in"] in ("bf16", "f32") and default["median_ms"] > 0
+        if default["computes_in"] == "bf16":  # a CPU with AMX or AVX512-BF16
+            assert default["exact"] and default["min_cosine"] >= bench_results.QUALITY_FLOOR
+            assert default["matmul_gflops"] and default["matmul_gflops"] != case["matmul_gflops"]  # its bf16 rate
+            assert default["share_of_ideal"] is None  # no stock autocast row to compare with
+    assert "| openvino-f32 |" in printed and re.search(r"\| openvino \((bf16|f32)\) \|", printed)

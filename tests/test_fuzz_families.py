@@ -4,7 +4,8 @@ it, or the call falls back with a reason; never a wrong output.
 The families are listed from the registry (a family added to it is fuzzed without editing this
 module); each gets a few examples per run. Hypothesis draws the family's model type, a head (or
 the base model), the kernel choice (`packed`, `fastpath`, `layercode`, or `auto`, which also
-reaches `binned` and the padded rows kept for heads that read them), the batch, the length, the
+reaches `binned` and the padded rows kept for heads that read them), whether the matrix weights
+are prepacked (`prepack=True`: oneDNN's layout, activation and residual fused), the batch, the length, the
 mask (right, left, holes, none, an empty row) and whether hidden states are asked for. Each run
 draws new examples; a failure prints the example and the `@reproduce_failure` line that replays it.
 The models come from transformers' own configs (tests/families.py), saved and loaded back through
@@ -38,14 +39,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def models():
-    """`models(family, model_type, head, kernel)` -> (stock, converted), each saved once and
-    loaded back with `from_pretrained`, stock and under `enabled(kernel=...)`; the saved
+    """`models(family, model_type, head, kernel, prepack)` -> (stock, converted), each saved once and
+    loaded back with `from_pretrained`, stock and under `enabled(kernel=..., prepack=...)`; the saved
     checkpoints are deleted when the module's tests end."""
     root = tempfile.TemporaryDirectory(prefix="fuzz-")
     saved: dict[tuple, tuple[type, str]] = {}
     loaded: dict[tuple, tuple] = {}
 
-    def get(family: str, model_type: str, head: str, kernel: str):
+    def get(family: str, model_type: str, head: str, kernel: str, prepack: bool = False):
         key = (family, model_type, head)
         if key not in saved:
             config = families.example_config(model_type, family)
@@ -54,13 +55,13 @@ def models():
             directory = tempfile.mkdtemp(prefix=f"{model_type}-", dir=root.name)
             cls(config).save_pretrained(directory)
             saved[key] = (cls, directory)
-        if key + (kernel,) not in loaded:
+        if key + (kernel, prepack) not in loaded:
             cls, directory = saved[key]
             stock = cls.from_pretrained(directory).eval()
-            with bt_plugin.enabled(kernel=kernel):
+            with bt_plugin.enabled(kernel=kernel, prepack=prepack):
                 converted = cls.from_pretrained(directory).eval()
-            loaded[key + (kernel,)] = (stock, converted)
-        return loaded[key + (kernel,)]
+            loaded[key + (kernel, prepack)] = (stock, converted)
+        return loaded[key + (kernel, prepack)]
 
     with root:
         yield get
@@ -75,6 +76,7 @@ def cases(draw, family: str):
         model_type=draw(st.sampled_from(spec.model_types)),
         head=draw(st.sampled_from(("base",) + families.HEADS)),
         kernel=draw(st.sampled_from(KERNELS)),
+        prepack=draw(st.booleans()),
         kind=draw(st.sampled_from(MASK_KINDS)),
         lengths=draw(st.lists(st.integers(1, width), min_size=batch, max_size=batch)),
         width=width,
@@ -96,7 +98,7 @@ def test_every_family_equals_stock_or_falls_back_with_a_reason(family, models, d
     config = families.example_config(case["model_type"], family)
     heads = families.model_classes(config)
     head = case["head"] if case["head"] in heads else "base"
-    stock, converted = models(family, case["model_type"], head, case["kernel"])
+    stock, converted = models(family, case["model_type"], head, case["kernel"], case["prepack"])
     report = bt_plugin.explain(converted)
     assert report.family == family, (
         f"the example {case['model_type']} model converted as {report.family!r}, not {family!r}: "

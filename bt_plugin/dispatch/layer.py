@@ -13,14 +13,16 @@ travels inside the hidden states, so exceptions, nested models and threads need 
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from bt_plugin.dispatch import derived
 from bt_plugin.dispatch.activations import activation_name
+from bt_plugin.dispatch.derived import current_qkv, fused_qkv, unfuse_qkv  # noqa: F401  (conversion's)
 from bt_plugin.compat import capture_wrapped, recorded_outputs
 from bt_plugin.compat import CACHE_ARGUMENTS
 from bt_plugin.dispatch.eligibility import (cache_reason, call_reason, fused_reason, layer_code_reason,
@@ -29,13 +31,13 @@ from bt_plugin.dispatch.heads import PaddedReads, padded_reads
 from bt_plugin.kernels.binned import BINNED, run_binned
 from bt_plugin.dispatch.calls import bind, mask_name, returned_items
 from bt_plugin.kernels import KERNELS, LayerTensors, get_kernel
+from bt_plugin.kernels.packed import plain_linears
 from bt_plugin.kernels.layercode import LAYER_CODE, run_layer
 from bt_plugin.dispatch.masks import key_padding_mask, padding_reason
-from bt_plugin.precision import compute_dtype, computing_in, precision_label
+from bt_plugin.precision import compute_dtype, computing_in, precision_label, short_name
 from bt_plugin.spec import EncoderSpec, resolve_roles
 from bt_plugin.dispatch.stack import live_layers, running_frame
 
-_refuse_lock = threading.Lock()
 FASTPATH = KERNELS["fastpath"]  # the one kernel that cannot compute padded rows
 
 
@@ -69,28 +71,35 @@ class FusedLayer:
     _bt_spec: EncoderSpec
 
     def forward(self, hidden_states, *args, **kwargs):
+        frame = running_frame(self)
+        if frame is not None and frame.carrier is not None and hidden_states is frame.carrier:
+            # a later layer of a packed stack: the precision was chosen where the stack was packed
+            reduced = frame.reduced
+            with computing_in(reduced, hidden_states.device.type):
+                _stats(self).last_precision = precision_label(hidden_states)  # a fused kernel says more
+                out = _continue_packed(self, frame, args, kwargs)
+            return out if reduced is None else _in_dtype(self, out, hidden_states.dtype)
         refused = self.__dict__.get("_bt_precision_reason")
-        dtype = None if refused else compute_dtype(self.__dict__.get("_bt_precision"), hidden_states, self)
+        dtype = None if refused else compute_dtype(self.__dict__.get("_bt_precision"), hidden_states, self,
+                                                   _computes_own_code(self))
         if dtype is not None:
-            frame = running_frame(self)
-            saved = None if frame is None else (frame.carrier, frame.state, frame.kernel)
+            saved = None if frame is None else (frame.carrier, frame.state, frame.kernel, frame.reduced)
             try:
                 with computing_in(dtype, hidden_states.device.type):
-                    out = _dispatch(self, hidden_states, args, kwargs)
                     _stats(self).last_precision = precision_label(hidden_states)
+                    out = _dispatch(self, hidden_states, args, kwargs, dtype)
                 return _in_dtype(self, out, hidden_states.dtype)
             except RuntimeError as error:  # the layer's own code cannot run under autocast: as loaded
                 refused = f"its code raised under autocast {str(dtype).replace('torch.', '')}: {error}"
                 if frame is not None:
-                    frame.carrier, frame.state, frame.kernel = saved
+                    frame.carrier, frame.state, frame.kernel, frame.reduced = saved
                 out = _dispatch(self, hidden_states, args, kwargs)  # a call that fails as loaded too raises here
                 self.__dict__["_bt_precision_reason"] = refused  # remembered once the call ran as loaded
                 _stats(self).last_precision = f"{precision_label(hidden_states)} ({refused})"
                 return out
-        out = _dispatch(self, hidden_states, args, kwargs)
         label = precision_label(hidden_states)
         _stats(self).last_precision = f"{label} ({refused})" if refused and label else label
-        return out
+        return _dispatch(self, hidden_states, args, kwargs)
 
     def __reduce_ex__(self, protocol):
         # The class is made at run time: rebuild it from the stock class so pickle and deepcopy
@@ -98,7 +107,7 @@ class FusedLayer:
         # shared [3E, E] storage once per view); the fused cache is rebuilt on first use.
         unfuse_qkv(self)
         state = dict(self.__dict__)
-        state.pop("_bt_cast_weights", None)  # a cache of casts, rebuilt on first use
+        derived.drop(state)  # copies of the weights (reduced precision, prepacked), made again on first use
         state.pop("_bt_plan", None)  # the static verdict, found again on first use
         return (_rebuild, (self._bt_stock_class, self._bt_spec.name, self._bt_spec.layout), state)
 
@@ -167,96 +176,6 @@ def _rebuild(stock_class: type, spec_name: str, layout: dict | None = None):
     return object.__new__(fused_class_for(stock_class, all_specs()[spec_name].with_layout(layout)))
 
 
-def _qkv_parts(layer, roles: dict | None = None) -> list[nn.Linear]:
-    roles = roles if roles is not None else resolve_roles(layer, layer._bt_spec)
-    return [roles["query"], roles["key"], roles["value"]]
-
-
-def _is_view_of(fused: torch.Tensor | None, parts: list[torch.Tensor | None], rows: list[int]) -> bool:
-    """Whether each present part is the slice of `fused` at its place (absent biases are zeros)."""
-    if fused is None:
-        return all(part is None for part in parts)
-    offset = fused.data_ptr()
-    step = fused.stride(0) * fused.element_size()
-    for part, count in zip(parts, rows):
-        if part is not None and (
-            part.dtype != fused.dtype or part.device != fused.device
-            or not part.is_contiguous() or part.data_ptr() != offset
-        ):
-            return False
-        offset += count * step
-    return True
-
-
-def _current_qkv(layer, roles: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """The cached fused q/k/v if q/k/v still live in it; a stale cache is dropped (no double memory)."""
-    cached = layer.__dict__.get("_bt_qkv")
-    if cached is None:
-        return None
-    try:
-        parts = _qkv_parts(layer, roles)
-    except AttributeError:  # the layer no longer matches its spec
-        parts = []
-    if parts and all(type(p) is nn.Linear for p in parts):
-        rows = [p.out_features for p in parts]
-        if _is_view_of(cached[0], [p.weight for p in parts], rows) and _is_view_of(
-            cached[1], [p.bias for p in parts], rows
-        ):
-            return cached
-    layer.__dict__.pop("_bt_qkv", None)
-    return None
-
-
-def fused_qkv(layer, roles: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The `[3E, E]` in-projection weight and `[3E]` bias, whose slices *are* q/k/v's storage.
-
-    Rebuilt (and q/k/v re-pointed into it) whenever `.to()`, `.half()`, `load_state_dict(assign=True)`
-    or anything else gave a projection new storage, so the kernel never sees stale weights. A
-    projection without bias gets zeros in the fused bias (None when none has a bias).
-    """
-    cached = _current_qkv(layer, roles)
-    if cached is not None:
-        return cached
-    parts = _qkv_parts(layer, roles)
-    with _refuse_lock, torch.inference_mode(False), torch.no_grad():
-        weight = _concat_into_views([p.weight for p in parts], parts[0].weight)
-        bias = None
-        if any(p.bias is not None for p in parts):
-            bias = _concat_into_views([p.bias for p in parts], weight, [p.out_features for p in parts])
-        layer.__dict__["_bt_qkv"] = fused = (weight, bias)
-    return fused
-
-
-def _concat_into_views(params: list, like: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
-    pieces = [
-        p.detach() if p is not None else like.new_zeros(count)
-        for p, count in zip(params, rows or [p.shape[0] for p in params])
-    ]
-    fused = torch.cat(pieces)
-    start = 0
-    for param, piece in zip(params, pieces):
-        if param is not None:
-            param.data = fused[start:start + piece.shape[0]]  # same Parameter object, storage now shared
-        start += piece.shape[0]
-    return fused
-
-
-def unfuse_qkv(layer) -> None:
-    """Give q/k/v their own storage again (used by revert and pickling)."""
-    if not layer._bt_spec.has_fused_layout:
-        return
-    try:
-        parts = _qkv_parts(layer)
-    except AttributeError:  # the layer no longer matches its spec: nothing was fused
-        parts = []
-    with torch.inference_mode(False), torch.no_grad():
-        for linear in parts:
-            for param in (getattr(linear, "weight", None), getattr(linear, "bias", None)):
-                if isinstance(param, torch.Tensor):
-                    param.data = param.data.clone()
-    layer.__dict__.pop("_bt_qkv", None)
-
-
 def layer_tensors(layer) -> LayerTensors:
     """Everything the kernel needs, read from the live modules."""
     r = resolve_roles(layer, layer._bt_spec)
@@ -264,7 +183,7 @@ def layer_tensors(layer) -> LayerTensors:
     out, lin1, lin2, norm1, norm2, activation = (
         r["out_proj"], r["linear1"], r["linear2"], r["norm1"], r["norm2"], r["activation"]
     )
-    return LayerTensors(
+    tensors = LayerTensors(
         weight, bias, out.weight, out.bias, lin1.weight, lin1.bias, lin2.weight, lin2.bias,
         norm1.weight, norm1.bias, norm2.weight, norm2.bias, norm1.eps,
         int(r["num_heads"]), out.out_features, layer._bt_spec.norm_first,
@@ -272,31 +191,7 @@ def layer_tensors(layer) -> LayerTensors:
         r["layer_scale1"], r["layer_scale2"],
         float(r["attention_scale"]) if r["attention_scale"] is not None else None,
     )
-
-
-_MATMUL_TENSORS = ("in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias",
-                   "linear1_weight", "linear1_bias", "linear2_weight", "linear2_bias")
-
-
-def _cast_for_autocast(layer, tensors: LayerTensors) -> LayerTensors:
-    """Under autocast, for a layer converted with a reduced precision: its matrix-multiply weights
-    cast once to the autocast dtype and kept (autocast would cast them on every call; the values are
-    the same). The copy lives beside the parameters, outside the state_dict, and is made again
-    when a parameter changes (its storage or version); other layers and calls use the parameters."""
-    if layer.__dict__.get("_bt_precision", "fp32") == "fp32":
-        return tensors
-    device = tensors.out_proj_weight.device.type
-    if not torch.is_autocast_enabled(device):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
-    sources = [getattr(tensors, name) for name in _MATMUL_TENSORS]
-    key = (dtype,) + tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
-    cached = layer.__dict__.get("_bt_cast_weights")
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            copies = [None if t is None or not t.is_floating_point() else t.detach().to(dtype) for t in sources]
-        layer.__dict__["_bt_cast_weights"] = cached = (key, copies)
-    return dataclasses.replace(tensors, **dict(zip(_MATMUL_TENSORS, cached[1])))
+    return dataclasses.replace(tensors, linears=plain_linears(tensors))
 
 
 def _stats(layer) -> LayerStats:
@@ -405,11 +300,11 @@ def _layer_tensors(layer) -> LayerTensors:
     return plan.tensors
 
 
-def _dispatch(layer, hidden, args: tuple, kwargs: dict):
-    """Run a padding-free path when the call can be served, else the stock forward, recording why."""
+def _dispatch(layer, hidden, args: tuple, kwargs: dict, reduced: torch.dtype | None = None):
+    """Run a padding-free path when the call can be served, else the stock forward, recording why.
+    `reduced`: the dtype the layer's precision option computes this call in (None: as loaded); a fused
+    kernel computes the packed tokens in it from the padding removal to its restoration."""
     frame = running_frame(layer)
-    if frame is not None and frame.carrier is not None and hidden is frame.carrier:
-        return _continue_packed(layer, frame, args, kwargs)
     named = bind(layer._bt_stock_class, args, kwargs)
     mask = named.get(mask_name(layer))
     served = layer_code_serves(layer, layer._bt_spec) if not layer.training else None
@@ -436,14 +331,28 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict):
     bias = _score_bias(layer, named)
     if bias is not None:
         kernel.with_score_bias(state, bias)
-    out, tail, reason = _run(kernel, layer, carrier, state, named)
+    if reduced is not None and not own_code:  # cast once here, not per op; unpack restores the dtype
+        carrier = carrier.to(reduced)
+    with torch.autocast(hidden.device.type, enabled=False) if reduced is not None and not own_code else nullcontext():
+        out, tail, reason = _run(kernel, layer, carrier, state, named)
     if reason:
         return _stock(layer, reason, hidden, args, kwargs)
     _stats(layer).fused(kernel.name, note)
     if frame is not None and _stays_packed(layer, batch_first, kernel):
-        frame.carrier, frame.state, frame.kernel = out, state, kernel
+        # a fused kernel's carrier is already in the reduced dtype; the layer code of the later
+        # layers runs under the same autocast as this one
+        frame.carrier, frame.state, frame.kernel, frame.reduced = out, state, kernel, reduced if own_code else None
         return _returned(layer, out, packed=True, tail=tail)  # the next layer continues
     return _returned(layer, kernel.unpack(out, state), tail=tail)
+
+
+def _computes_own_code(layer) -> bool:
+    """Whether the layer's latest path runs its own code (layer code, bins) rather than a fused
+    kernel (before its first call: whether its spec has no fused layout)."""
+    plan = layer.__dict__.get("_bt_plan")
+    if plan is not None and plan.path[0] is not None:
+        return _runs_own_code(plan.path[0])
+    return not layer._bt_spec.has_fused_layout
 
 
 def _nothing_padded(layer, hidden, mask) -> bool:
@@ -457,7 +366,7 @@ def _nothing_padded(layer, hidden, mask) -> bool:
 
 
 def _stock(layer, reason: str, hidden, args: tuple, kwargs: dict):
-    _current_qkv(layer)  # after .half() etc. a fallback must not keep the old weights alive
+    current_qkv(layer)  # after .half() etc. a fallback must not keep the old weights alive
     _stats(layer).fell_back(reason)
     return layer._bt_stock_class.forward(layer, hidden, *args, **kwargs)
 
@@ -466,12 +375,12 @@ def _run(kernel, layer, carrier, state, named: dict):
     """`(out, tail, reason)`: one layer on the packed carrier, and what the stock layer returns
     after its hidden states (`tail`, None for a plain tensor); a layer-code call may refuse."""
     if not _runs_own_code(kernel):
-        tensors = _cast_for_autocast(layer, _layer_tensors(layer))
+        tensors = _layer_tensors(layer)
         items, reason = returned_items(layer, tensors.out_proj_weight, tensors.embed_dim, named,
                                        (mask_name(layer), layer._bt_spec.score_bias))
         if reason:
             return None, None, reason
-        return kernel.layer(carrier, tensors, state), (None if items is None else (None,) * (items - 1)), None
+        return _fused_layer(kernel, layer, carrier, tensors, state), (None if items is None else (None,) * (items - 1)), None
     out, reason = (run_layer if kernel is LAYER_CODE else run_binned)(layer, carrier, state, named)
     if reason:
         if out is not None:  # refused after running (it bypassed the attention interface): for good
@@ -480,6 +389,19 @@ def _run(kernel, layer, carrier, state, named: dict):
     if isinstance(out, tuple):  # the layer's own tuple: keep what follows the hidden states
         return out[0], tuple(out[1:]), None
     return out, None, None
+
+
+def _fused_layer(kernel, layer, carrier: torch.Tensor, tensors: LayerTensors, state):
+    """One layer through a fused kernel on the carrier, its matrix multiplies on the weights the
+    carrier's dtype calls for (bt_plugin.dispatch.derived: the parameters, or a reduced-precision or
+    prepacked copy). Under a user's autocast the kernel's ops are cast as stock's are, on the
+    parameters."""
+    if torch.is_autocast_enabled(carrier.device.type):
+        _stats(layer).last_precision = precision_label(carrier)
+    else:
+        tensors = derived.kernel_tensors(layer, tensors, carrier.dtype)
+        _stats(layer).last_precision = short_name(carrier.dtype) + (" (prepacked)" if tensors.linears.prepacked else "")
+    return kernel.layer(carrier, tensors, state)
 
 
 def _continue_packed(layer, frame, args: tuple, kwargs: dict):

@@ -26,6 +26,7 @@ class Frame:
     carrier: object = None
     state: object = None
     kernel: object = None
+    reduced: object = None  # the autocast dtype the later layers' own code runs under (None: as loaded)
     token: object = None  # the ContextVar token of a hook-opened frame
 
 

@@ -72,3 +72,82 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     if library_for(x, weight, bias) == "onednn":
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def prepack_available() -> bool:
+    """Whether this torch build can hold a weight in oneDNN's prepacked layout and multiply by it."""
+    return onednn_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+# The activations oneDNN computes as a post-op of the matrix multiply, as (attr, scalars, algorithm):
+# the same functions as torch's (exact gelu is erf-based; tanh gelu is transformers' gelu_new), so
+# the output differs from the separate op by float rounding only (tests/test_prepacked.py).
+FUSED_ACTIVATIONS = {"gelu": ("gelu", [], "none"), "gelu_tanh": ("gelu", [], "tanh"), "relu": ("relu", [], "")}
+
+
+class Linears:
+    """One encoder layer's four matrix multiplies on its plain weights (the parameters themselves):
+    the QKV in-projection, the out-projection and the feed-forward's two linears, each a
+    `(weight, bias)` pair; `up` applies the layer's activation, `out` and `down` add the residual."""
+
+    prepacked = False
+
+    def __init__(self, qkv, out, up, down, activation: str, activation_fn):
+        self.pairs = (qkv, out, up, down)
+        self.activation, self.activation_fn = activation, activation_fn
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, *self.pairs[0])
+
+    def out(self, x: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        return _scaled_residual(linear(x, *self.pairs[1]), residual, scale)
+
+    def up(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation_fn(linear(x, *self.pairs[2]))
+
+    def down(self, x: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        return _scaled_residual(linear(x, *self.pairs[3]), residual, scale)
+
+
+def _scaled_residual(branch: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return residual + (branch if scale is None else branch * scale)
+
+
+class PrepackedLinears(Linears):
+    """The same four matrix multiplies on weights held in oneDNN's prepacked layout (made once, for
+    every row count: no reorder per call), with the activation and the residual add fused into the
+    multiply as oneDNN post-ops where oneDNN computes them (FUSED_ACTIVATIONS; a residual unless a
+    layer scale sits between). The weights are a copy beside the parameters
+    (bt_plugin.dispatch.derived makes, reports and drops it)."""
+
+    prepacked = True
+
+    def __init__(self, qkv, out, up, down, activation: str, activation_fn):
+        packed = [(torch.ops.mkldnn._reorder_linear_weight(w.detach()), None if b is None else b.detach().to(w.dtype))
+                  for w, b in (qkv, out, up, down)]
+        super().__init__(*packed, activation, activation_fn)
+        self.post_op = FUSED_ACTIVATIONS.get(activation)
+
+    @staticmethod
+    def _multiply(x: torch.Tensor, pair, post_op=("none", [], "")) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, pair[0], pair[1], *post_op)
+
+    @staticmethod
+    def _plus(x: torch.Tensor, pair, residual: torch.Tensor, scale) -> torch.Tensor:
+        if scale is not None:
+            return _scaled_residual(PrepackedLinears._multiply(x, pair), residual, scale)
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, pair[0], pair[1], "add")
+
+    def qkv(self, x):
+        return self._multiply(x, self.pairs[0])
+
+    def out(self, x, residual, scale=None):
+        return self._plus(x, self.pairs[1], residual, scale)
+
+    def up(self, x):
+        if self.post_op is not None:
+            return self._multiply(x, self.pairs[2], self.post_op)
+        return self.activation_fn(self._multiply(x, self.pairs[2]))
+
+    def down(self, x, residual, scale=None):
+        return self._plus(x, self.pairs[3], residual, scale)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bt_plugin.kernels.linear import linear
+from bt_plugin.kernels.linear import Linears, linear
 from bt_plugin.kernels.tensors import LayerTensors, dtype_reason
 
 
@@ -31,6 +31,7 @@ class PackState:
     score_bias: torch.Tensor | None = None  # the layer's additive score bias these masks came from
     segment_masks: list[torch.Tensor] | None = None  # per segment: (1, H, n, n) bias among its tokens
     batched_mask: torch.Tensor | None = None  # the same, stacked, when every segment has one length
+    dtype: torch.dtype | None = None  # the hidden states' dtype, restored by unpack (the carrier may compute in another)
 
 
 class PackedKernel:
@@ -63,14 +64,15 @@ class PackedKernel:
         flat = hidden.reshape(batch * length, embed)
         if keep is None or keep_padded_rows:
             key_mask = None if keep is None else keep[:, None, None, :]
-            return flat, PackState(batch, length, [(row * length, length) for row in range(batch)], key_mask=key_mask)
+            return flat, PackState(batch, length, [(row * length, length) for row in range(batch)], key_mask=key_mask,
+                                   dtype=hidden.dtype)
         counts = keep.sum(dim=1).tolist()
         starts = [0]
         for count in counts[:-1]:
             starts.append(starts[-1] + count)
         segments = [(start, count) for start, count in zip(starts, counts) if count]
         rows = keep.reshape(-1).nonzero().squeeze(1)
-        return flat.index_select(0, rows), PackState(batch, length, segments, rows, keep=keep)
+        return flat.index_select(0, rows), PackState(batch, length, segments, rows, keep=keep, dtype=hidden.dtype)
 
     @staticmethod
     def with_score_bias(state: PackState, bias: torch.Tensor) -> None:
@@ -93,50 +95,56 @@ class PackedKernel:
         state.batched_mask = torch.cat(state.segment_masks) if len(counts) == 1 else None
 
     def unpack(self, carrier: torch.Tensor, state: PackState) -> torch.Tensor:
-        """Restore `(B, L, E)`; padded positions are zeros."""
+        """Restore `(B, L, E)` in the dtype the hidden states came in; padded positions are zeros."""
         embed = carrier.size(-1)
+        if state.dtype is not None and carrier.dtype != state.dtype:
+            carrier = carrier.to(state.dtype)
         if state.rows is None:
             return carrier.view(state.batch, state.length, embed)
         out = carrier.new_zeros(state.batch * state.length, embed)
         return out.index_copy_(0, state.rows, carrier).view(state.batch, state.length, embed)
 
     def layer(self, x: torch.Tensor, t: LayerTensors, state: PackState) -> torch.Tensor:
-        """One encoder layer (post- or pre-layer-norm) on the packed `[T, E]` tokens."""
+        """One encoder layer (post- or pre-layer-norm) on the packed `[T, E]` tokens: the matrix
+        multiplies through `t.linears` (plain or prepacked weights, which fuse the activation and the
+        residual adds where they can), attention per sequence, layer norms."""
+        mm = t.linears or plain_linears(t)
         shape = (t.embed_dim,)
         if t.norm_first:
-            x = x + self._attention(F.layer_norm(x, shape, t.norm1_weight, t.norm1_bias, t.norm1_eps), t, state)
-            return x + self._feed_forward(F.layer_norm(x, shape, t.norm2_weight, t.norm2_bias, t.norm2_eps), t)
-        x = F.layer_norm(x + self._attention(x, t, state), shape, t.norm1_weight, t.norm1_bias, t.norm1_eps)
-        return F.layer_norm(x + self._feed_forward(x, t), shape, t.norm2_weight, t.norm2_bias, t.norm2_eps)
+            normed = F.layer_norm(x, shape, t.norm1_weight, t.norm1_bias, t.norm1_eps)
+            x = mm.out(_attend(mm.qkv(normed), t, state), x, t.layer_scale1)
+            normed = F.layer_norm(x, shape, t.norm2_weight, t.norm2_bias, t.norm2_eps)
+            return mm.down(mm.up(normed), x, t.layer_scale2)
+        x = F.layer_norm(mm.out(_attend(mm.qkv(x), t, state), x, t.layer_scale1), shape,
+                         t.norm1_weight, t.norm1_bias, t.norm1_eps)
+        return F.layer_norm(mm.down(mm.up(x), x, t.layer_scale2), shape, t.norm2_weight, t.norm2_bias, t.norm2_eps)
 
-    @staticmethod
-    def _feed_forward(x: torch.Tensor, t: LayerTensors) -> torch.Tensor:
-        hidden = t.activation_fn(linear(x, t.linear1_weight, t.linear1_bias))
-        out = linear(hidden, t.linear2_weight, t.linear2_bias)
-        return out * t.layer_scale2 if t.layer_scale2 is not None else out
 
-    @staticmethod
-    def _attention(x: torch.Tensor, t: LayerTensors, state: PackState) -> torch.Tensor:
-        """Self-attention of each sequence over exactly its real tokens, projected: `[T, E]`.
+def plain_linears(t: LayerTensors) -> Linears:
+    """The layer's matrix multiplies on its own (plain) weights."""
+    return Linears((t.in_proj_weight, t.in_proj_bias), (t.out_proj_weight, t.out_proj_bias),
+                   (t.linear1_weight, t.linear1_bias), (t.linear2_weight, t.linear2_bias),
+                   t.activation, t.activation_fn)
 
-        One SDPA call per sequence on a slice of the packed QKV: no padded query, key or value is
-        ever computed, and no mask is needed.
-        """
-        qkv = linear(x, t.in_proj_weight, t.in_proj_bias)
-        counts = {count for _, count in state.segments}
-        if not counts:  # no row has a real token: nothing to attend
-            out = qkv.new_zeros(0, t.embed_dim)
-        elif len(counts) == 1:  # equal lengths (e.g. nothing padded): one batched call
-            mask = state.batched_mask if state.score_bias is not None else state.key_mask
-            out = _sdpa(qkv, len(state.segments), counts.pop(), t, mask)
-        elif state.score_bias is None and _padded_is_cheaper(state):
-            out = _padded_sdpa(qkv, state, t)
-        else:
-            masks = state.segment_masks or [None] * len(state.segments)
-            out = torch.cat([_sdpa(qkv[start:start + count], 1, count, t, mask)
-                             for (start, count), mask in zip(state.segments, masks)])
-        out = linear(out, t.out_proj_weight, t.out_proj_bias)
-        return out * t.layer_scale1 if t.layer_scale1 is not None else out
+
+def _attend(qkv: torch.Tensor, t: LayerTensors, state: PackState) -> torch.Tensor:
+    """Self-attention of each sequence over exactly its real tokens, from the packed QKV rows:
+    `[T, E]`, before the out-projection.
+
+    One SDPA call per sequence on a slice of the packed QKV: no padded query, key or value is
+    ever computed, and no mask is needed (small batches: one masked call, `_padded_is_cheaper`).
+    """
+    counts = {count for _, count in state.segments}
+    if not counts:  # no row has a real token: nothing to attend
+        return qkv.new_zeros(0, t.embed_dim)
+    if len(counts) == 1:  # equal lengths (e.g. nothing padded): one batched call
+        mask = state.batched_mask if state.score_bias is not None else state.key_mask
+        return _sdpa(qkv, len(state.segments), counts.pop(), t, mask)
+    if state.score_bias is None and _padded_is_cheaper(state):
+        return _padded_sdpa(qkv, state, t)
+    masks = state.segment_masks or [None] * len(state.segments)
+    return torch.cat([_sdpa(qkv[start:start + count], 1, count, t, mask)
+                      for (start, count), mask in zip(state.segments, masks)])
 
 
 # One attention call costs about as much fixed work as this many extra score entries (query x key
@@ -166,5 +174,7 @@ def _sdpa(qkv: torch.Tensor, batch: int, count: int, t: LayerTensors, key_mask=N
     boolean key-padding mask when padded rows are kept, or an additive score bias)."""
     heads, size = t.num_heads, t.embed_dim // t.num_heads
     q, k, v = qkv.view(batch, count, 3, heads, size).permute(2, 0, 3, 1, 4).unbind(0)
+    if key_mask is not None and key_mask.is_floating_point() and key_mask.dtype != q.dtype:
+        key_mask = key_mask.to(q.dtype)  # a score bias of the loaded dtype, the tokens in a reduced one
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, scale=t.attention_scale)
     return out.transpose(1, 2).reshape(batch * count, t.embed_dim)

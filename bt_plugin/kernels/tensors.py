@@ -34,6 +34,9 @@ class LayerTensors:
     layer_scale1: torch.Tensor | None = None
     layer_scale2: torch.Tensor | None = None
     attention_scale: float | None = None
+    # the four matrix multiplies (bt_plugin.kernels.linear.Linears): on the plain weights above, or on
+    # a derived copy (prepacked, or reduced precision) that bt_plugin.dispatch.derived holds
+    linears: object = None
 
 
 def dtype_reason(name: str, dtypes: dict, hidden: torch.Tensor) -> str | None:

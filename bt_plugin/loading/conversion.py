@@ -16,8 +16,9 @@ from bt_plugin.loading import registry
 from bt_plugin.compat import warn_unsupported_versions_once
 from bt_plugin.dispatch.eligibility import kernel_reason, layer_code_serves, structure_reason
 from bt_plugin.dispatch.heads import PaddedReads, padded_reads
-from bt_plugin.dispatch.layer import FusedLayer, LayerStats, fused_class_for, fused_qkv, unfuse_qkv
-from bt_plugin.precision import check_precision_name
+from bt_plugin.dispatch.derived import fused_qkv, unfuse_qkv
+from bt_plugin.dispatch.layer import FusedLayer, LayerStats, fused_class_for
+from bt_plugin.precision import check_precision_name, check_prepack
 from bt_plugin.spec import EncoderSpec, resolve_path
 from bt_plugin.dispatch.stack import attach, detach
 
@@ -93,7 +94,8 @@ def _layer_lists(model: nn.Module, classes: tuple[type, ...]):
             yield path, module
 
 
-def convert(model: nn.Module, *, kernel: str = "auto", precision: str = "fp32", strict: bool = True) -> nn.Module:
+def convert(model: nn.Module, *, kernel: str = "auto", precision: str = "fp32", prepack: bool = False,
+            strict: bool = True) -> nn.Module:
     """Swap a transformers model's encoder layers for fused layers, in place.
 
     Args:
@@ -103,6 +105,11 @@ def convert(model: nn.Module, *, kernel: str = "auto", precision: str = "fp32", 
             `"bf16"` (each layer call under `torch.autocast` bf16; parameters, state_dict and
             the layers' output dtype stay as loaded) or `"auto"` (bf16 only on a CPU with native
             bf16). An unknown name raises `ValueError`. Converting again updates it.
+        prepack: hold a second copy of the fused layers' matrix weights in oneDNN's prepacked
+            layout (CPU) for faster small calls, at the memory of those weights once more;
+            reported by `explain()` (`held beside the parameters`). Default False: no weight is
+            held twice (`precision="bf16"` prepacks its bf16 copy either way). Converting again
+            updates it.
         strict: Raise `ValueError` with the reason when the model cannot be converted; when
             False (the zero-code path) log a warning and return the model unchanged.
 
@@ -119,6 +126,7 @@ def convert(model: nn.Module, *, kernel: str = "auto", precision: str = "fp32", 
     """
     warn_unsupported_versions_once()
     check_precision_name(precision)
+    check_prepack(prepack)
     result = plan(model, kernel)
     converted = sum(isinstance(p.layer, FusedLayer) for p in result.layers)
     todo = [p for p in result.layers if p.reason is None and not isinstance(p.layer, FusedLayer)]
@@ -133,12 +141,12 @@ def convert(model: nn.Module, *, kernel: str = "auto", precision: str = "fp32", 
         _swap(planned.layer, planned.spec, kernel, reads)
     for planned in result.layers:
         if isinstance(planned.layer, FusedLayer):
-            planned.layer.__dict__["_bt_precision"] = precision
+            planned.layer.__dict__.update(_bt_precision=precision, _bt_prepack=prepack)
     for list_path in dict.fromkeys(p.list_path for p in todo):
         owner_path, _, attribute = list_path.rpartition(".")
         owner = resolve_path(model, owner_path) if owner_path else model
         attach(owner, attribute, getattr(owner, attribute))
-    model.__dict__["_bt_plugin"] = {"spec": result.spec.name, "kernel": kernel, "precision": precision,
+    model.__dict__["_bt_plugin"] = {"spec": result.spec.name, "kernel": kernel, "precision": precision, "prepack": prepack,
                                     "padded_positions": reads.describe()}
     total = len(result.layers)
     fused = converted + len(todo)

@@ -16,16 +16,16 @@ from contextvars import ContextVar
 
 from bt_plugin.compat import warn_unsupported_versions_once
 from bt_plugin.kernels import check_kernel_name
-from bt_plugin.precision import check_precision_name
+from bt_plugin.precision import check_precision_name, check_prepack
 
 logger = logging.getLogger("bt_plugin")
 _TARGETS = ("PreTrainedModel.from_pretrained", "PreTrainedModel._from_config")
 
 _lock = threading.RLock()
 _handles: dict[str, object] = {}
-_global: dict[str, object] = {"enabled": False, "kernel": "auto", "precision": "fp32", "source": None}
+_global: dict[str, object] = {"enabled": False, "kernel": "auto", "precision": "fp32", "prepack": False, "source": None}
 _active_scopes = 0
-_scope: ContextVar[tuple[bool, str, str] | None] = ContextVar("bt_plugin_scope", default=None)
+_scope: ContextVar[tuple[bool, str, str, bool] | None] = ContextVar("bt_plugin_scope", default=None)
 _loading: ContextVar[bool] = ContextVar("bt_plugin_loading", default=False)
 
 
@@ -52,25 +52,29 @@ def is_patched() -> bool:
     return bool(_handles)
 
 
-def current_setting() -> tuple[bool, str, str]:
-    """`(enabled, kernel, precision)` for loads made here and now (scope first, then the global
+def current_setting() -> tuple[bool, str, str, bool]:
+    """`(enabled, kernel, precision, prepack)` for loads made here and now (scope first, then the global
     setting)."""
     scoped = _scope.get()
     if scoped is not None:
         return scoped
-    return bool(_global["enabled"]), str(_global["kernel"]), str(_global["precision"])
+    return bool(_global["enabled"]), str(_global["kernel"]), str(_global["precision"]), bool(_global["prepack"])
 
 
-def enable(*, kernel: str = "auto", precision: str = "fp32", _source: str = "code") -> None:
+def enable(*, kernel: str = "auto", precision: str = "fp32", prepack: bool = False, _source: str = "code") -> None:
     """Convert every supported model that `from_pretrained` / `from_config` returns from now on.
 
-    Calling it again only updates the kernel and precision; one wrapper is ever installed.
+    Calling it again only updates the kernel, precision and prepack choice; one wrapper is ever installed.
 
     Args:
         kernel: `"auto"` (chosen per device) or a kernel name; unknown names raise `ValueError`.
         precision: what the converted encoder layers compute in: `"fp32"` (as loaded, the
             default), `"bf16"` (under autocast bf16, weights and outputs as loaded) or `"auto"`
             (bf16 only on a CPU with native bf16); see `bt_plugin.precision`.
+        prepack: hold a second, prepacked copy of the fused layers' matrix weights (oneDNN's
+            layout, CPU) for faster small calls, at the memory of those weights once more
+            (reported by `explain()` and `doctor`); False (the default) holds no weight twice.
+            See `bt_plugin.dispatch.derived`.
 
     Example:
         ```python
@@ -82,10 +86,11 @@ def enable(*, kernel: str = "auto", precision: str = "fp32", _source: str = "cod
     """
     check_kernel_name(kernel)
     check_precision_name(precision)
+    check_prepack(prepack)
     warn_unsupported_versions_once()
     with _lock:
         _install()
-        _global.update(enabled=True, kernel=kernel, precision=precision, source=_source)
+        _global.update(enabled=True, kernel=kernel, precision=precision, prepack=prepack, source=_source)
 
 
 def disable() -> None:
@@ -100,9 +105,10 @@ def disable() -> None:
 
 
 @contextmanager
-def enabled(active: bool = True, *, kernel: str = "auto", precision: str = "fp32") -> Iterator[None]:
+def enabled(active: bool = True, *, kernel: str = "auto", precision: str = "fp32",
+            prepack: bool = False) -> Iterator[None]:
     """Convert (or, with `active=False`, do not convert) the loads made inside the block, with
-    `kernel` and `precision` as in `enable`.
+    `kernel`, `precision` and `prepack` as in `enable`.
 
     The setting holds for the current thread or asyncio task only; loads elsewhere follow the
     global setting, also while the block runs.
@@ -117,10 +123,11 @@ def enabled(active: bool = True, *, kernel: str = "auto", precision: str = "fp32
     global _active_scopes
     check_kernel_name(kernel)
     check_precision_name(precision)
+    check_prepack(prepack)
     with _lock:
         _active_scopes += 1
         _install()
-    token = _scope.set((active, kernel, precision))
+    token = _scope.set((active, kernel, precision, prepack))
     try:
         yield
     finally:
@@ -143,20 +150,20 @@ def _load_wrapper(wrapped, instance, args, kwargs):
         result = wrapped(*args, **kwargs)
     finally:
         _loading.reset(token)
-    wanted, kernel, precision = current_setting()
+    wanted, kernel, precision, prepack = current_setting()
     if choice is not None:
         wanted = choice
     if wanted:
-        _convert_quietly(result[0] if isinstance(result, tuple) else result, kernel, precision)
+        _convert_quietly(result[0] if isinstance(result, tuple) else result, kernel, precision, prepack)
     return result
 
 
-def _convert_quietly(model, kernel: str, precision: str = "fp32") -> None:
+def _convert_quietly(model, kernel: str, precision: str = "fp32", prepack: bool = False) -> None:
     """Convert a freshly loaded model; a failure leaves it stock with a warning, never an error."""
     from bt_plugin.loading.conversion import convert, revert
 
     try:
-        convert(model, kernel=kernel, precision=precision, strict=False)
+        convert(model, kernel=kernel, precision=precision, prepack=prepack, strict=False)
     except Exception as error:  # a load must never fail because of the plugin
         logger.warning("bt_plugin left %s stock: conversion failed: %r", type(model).__name__, error)
         revert(model)

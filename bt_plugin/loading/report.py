@@ -8,6 +8,7 @@ from torch import nn
 
 from bt_plugin.loading.conversion import plan
 from bt_plugin.kernels import resolve_kernel_name
+from bt_plugin.dispatch.derived import held_bytes
 from bt_plugin.dispatch.layer import FusedLayer, LayerStats
 
 
@@ -28,7 +29,8 @@ class LayerReport:
     fallback_calls: int = 0
     fallback_reasons: dict[str, int] = field(default_factory=dict)
     note: str | None = None
-    precision: str | None = None  # what its latest call computed in: "fp32", "bf16 (autocast)"
+    precision: str | None = None  # what its latest call computed in: "fp32", "bf16 (prepacked)", "bf16 (autocast)"
+    held_bytes: int = 0  # derived weights held beside its parameters (bt_plugin.dispatch.derived)
 
     @property
     def status(self) -> str:
@@ -49,10 +51,17 @@ class Explanation:
     layers: list[LayerReport]
     padded_positions: str | None = None
     precision: str | None = None  # the precision choice it was converted with ("fp32", "bf16", "auto")
+    prepack: bool = False  # whether it was converted with the prepacked weight copy (opt-in)
 
     @property
     def fused_layers(self) -> int:
         return sum(layer.converted for layer in self.layers)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of derived weights held beside the parameters now (reduced-precision or prepacked
+        copies, made at a layer's first call that uses them; 0 when none is held)."""
+        return sum(layer.held_bytes for layer in self.layers)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +75,9 @@ class Explanation:
             lines.append(f"  not converted: {self.reason}")
         if self.precision and self.precision != "fp32":
             lines.append(f"  precision choice: {self.precision} (what each layer's latest call computed in: precision= below)")
+        if self.held_bytes or self.prepack:
+            why = "the prepacked copy (prepack=True)" if self.prepack else f"the {self.precision} copy"
+            lines.append(f"  held beside the parameters: {self.held_bytes / 2**20:.1f} MiB of matrix weights ({why})")
         if self.padded_positions:
             lines.append(f"  padded positions of the encoder output: {self.padded_positions}")
         for layer in self.layers:
@@ -102,7 +114,8 @@ def explain(model: nn.Module, kernel: str | None = None) -> Explanation:
     family = result.spec.name if result.spec else None
     padded_positions = model.__dict__.get("_bt_plugin", {}).get("padded_positions")
     precision = model.__dict__.get("_bt_plugin", {}).get("precision")
-    return Explanation(type(model).__name__, family, result.reason, reports, padded_positions, precision)
+    prepack = bool(model.__dict__.get("_bt_plugin", {}).get("prepack"))
+    return Explanation(type(model).__name__, family, result.reason, reports, padded_positions, precision, prepack)
 
 
 def _report(path: str, layer: nn.Module, static_reason: str | None) -> LayerReport:
@@ -114,4 +127,5 @@ def _report(path: str, layer: nn.Module, static_reason: str | None) -> LayerRepo
     return LayerReport(
         path, True, kernel, stats.last_reason,
         stats.fused_calls, stats.fallback_calls, dict(stats.reasons), stats.last_note, stats.last_precision,
+        held_bytes(layer),
     )

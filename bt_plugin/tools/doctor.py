@@ -40,9 +40,9 @@ def pth_files() -> list[str]:
 
 
 def flags(environ=os.environ) -> dict[str, Any]:
-    """BT_PLUGIN / BT_PLUGIN_KERNEL / BT_PLUGIN_PRECISION values, whether they parse, and a
-    warning line if not."""
-    from bt_plugin._boot import FLAG, KERNEL_FLAG, PRECISION_FLAG, parse_flag
+    """BT_PLUGIN / BT_PLUGIN_KERNEL / BT_PLUGIN_PRECISION / BT_PLUGIN_PREPACK values, whether they
+    parse, and a warning line if not."""
+    from bt_plugin._boot import FLAG, KERNEL_FLAG, PRECISION_FLAG, PREPACK_FLAG, parse_flag
     from bt_plugin.kernels import KERNEL_CHOICES
     from bt_plugin.precision import PRECISION_CHOICES
 
@@ -57,15 +57,33 @@ def flags(environ=os.environ) -> dict[str, Any]:
     if precision is not None and (precision.strip().lower() or "fp32") not in PRECISION_CHOICES:
         warnings.append(f"{PRECISION_FLAG}={precision!r} is malformed: valid precisions are "
                         f"{', '.join(PRECISION_CHOICES)} (the plugin is not enabled with it)")
-    return {FLAG: value, "flag_enabled": state, KERNEL_FLAG: kernel, PRECISION_FLAG: precision, "warnings": warnings}
+    prepack = environ.get(PREPACK_FLAG)
+    if parse_flag(prepack) is None:
+        warnings.append(f"{PREPACK_FLAG}={prepack!r} is malformed: use 1/true/yes/on or 0/false/no/off "
+                        "(the plugin is not enabled with it)")
+    return {FLAG: value, "flag_enabled": state, KERNEL_FLAG: kernel, PRECISION_FLAG: precision,
+            PREPACK_FLAG: prepack, "warnings": warnings}
 
 
 def precisions() -> dict[str, Any]:
     """The CPU's native reduced precisions and what `precision="auto"` computes in, with why."""
-    from bt_plugin.precision import auto_choice, native_precisions
+    from bt_plugin.precision import auto_choice, auto_rule, native_precisions
+
+    from bt_plugin.kernels.linear import prepack_available
 
     choice, why = auto_choice("cpu")
-    return {"native": native_precisions(), "auto": choice, "why": why}
+    return {"native": native_precisions(), "auto": choice, "why": why, "auto_per_call": auto_rule("cpu"),
+            "prepack_available": prepack_available(),
+            "held_beside_parameters": HELD_BESIDE_PARAMETERS}
+
+
+# What each setting holds beside a converted model's parameters (bt_plugin.dispatch.derived); a
+# model's own figure in bytes is `bt_plugin.explain(model).held_bytes`.
+HELD_BESIDE_PARAMETERS = {
+    "fp32 (default)": "nothing (q/k/v are views of one fused tensor)",
+    "precision='bf16'": "a bf16 copy of the fused layers' matrix weights (half their fp32 bytes), prepacked",
+    "prepack=True": "a prepacked copy of the fused layers' matrix weights (their bytes once more)",
+}
 
 
 def hook_active() -> bool:
@@ -124,13 +142,18 @@ def format_text(report: dict[str, Any]) -> str:
     lines.append(f"bt_plugin.pth: {'installed at ' + ', '.join(pth) if pth else 'not installed in site-packages'}")
     flag_info = report["flags"]
     lines.append(f"BT_PLUGIN={flag_info['BT_PLUGIN']!r} BT_PLUGIN_KERNEL={flag_info['BT_PLUGIN_KERNEL']!r} "
-                 f"BT_PLUGIN_PRECISION={flag_info['BT_PLUGIN_PRECISION']!r}")
+                 f"BT_PLUGIN_PRECISION={flag_info['BT_PLUGIN_PRECISION']!r} "
+                 f"BT_PLUGIN_PREPACK={flag_info['BT_PLUGIN_PREPACK']!r}")
     lines += [f"warning: {warning}" for warning in flag_info["warnings"]]
     lines.append(f"zero-code hook active in this process: {'yes' if report['active'] else 'no'} "
                  f"(from_pretrained patched: {'yes' if report['patched'] else 'no'})")
     precision = report["precision"]
     lines.append(f"CPU native precisions: {', '.join(precision['native']) or 'none (fp32 only)'}")
     lines.append(f"precision='auto' computes in: {precision['auto']} ({precision['why']})")
+    lines.append(f"  per call: {precision['auto_per_call']}")
+    lines.append(f"oneDNN weight prepacking in this torch: {'yes' if precision['prepack_available'] else 'no'}")
+    lines.append("held beside the parameters of a converted model (explain(model).held_bytes gives a model's bytes):")
+    lines += [f"  {setting:<17} {what}" for setting, what in precision["held_beside_parameters"].items()]
     lines.append("registered families:")
     for row in report["families"]:
         if row["error"]:

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bt_plugin.tools.bench.settings import (QUERY_CALLS, RERANK_PASSAGES, SHAPES, SMALL_BATCH_CALLS,
-                                            SMALL_BATCH_SIZES, SWEEP_BATCH, SWEEP_FRACTIONS, TEXT_BATCH,
-                                            TEXT_MAX_LENGTH, WORKLOADS, Settings)
+from bt_plugin.tools.bench.settings import (DOCUMENT_CALLS, DOCUMENT_TOKENS, QUERY_CALLS, RERANK_PASSAGES, SHAPES,
+                                            SMALL_BATCH_CALLS, SMALL_BATCH_SIZES, SWEEP_BATCH, SWEEP_FRACTIONS,
+                                            TEXT_BATCH, TEXT_MAX_LENGTH, WORKLOADS, Settings)
 
 
 @dataclass
@@ -85,6 +85,24 @@ def query_cases(shape: str, tokenizer, seed: int) -> list[Case]:
     return [Case(shape, "query", tokenized(queries(QUERY_CALLS, seed), 1, tokenizer))]
 
 
+def documents(count: int, seed: int, tokenizer) -> list[str]:
+    """`count` real paragraphs of DOCUMENT_TOKENS tokens each, drawn seeded from the corpus's paragraphs
+    of that length (a stored passage's length; the whole corpus is tokenized to find them, so the
+    draw is the same for the same seed and tokenizer)."""
+    from bt_plugin.tools import corpus
+
+    low, high = DOCUMENT_TOKENS
+    pool = corpus.paragraphs()
+    lengths = [len(ids) for ids in tokenizer(list(pool))["input_ids"]]
+    fitting = [paragraph for paragraph, length in zip(pool, lengths) if low <= length <= high]
+    return random.Random(seed).sample(fitting, count)
+
+
+def document_cases(shape: str, tokenizer, seed: int) -> list[Case]:
+    """DOCUMENT_CALLS documents, one per call, unpadded: the passages an indexing service embeds."""
+    return [Case(shape, "document", tokenized(documents(DOCUMENT_CALLS, seed, tokenizer), 1, tokenizer))]
+
+
 def small_batch_cases(shape: str, tokenizer, seed: int, padding_side: str = "right") -> list[Case]:
     """One case per size in SMALL_BATCH_SIZES: SMALL_BATCH_CALLS padded batches of that many queries
     (the batches an online service forms from the requests that arrive together)."""
@@ -150,6 +168,8 @@ def build_cases(shape: str, workload: str, tokenizer, settings: Settings, vocab:
         return [Case(shape, workload, [random_batch([16], 16, vocab, seed)])]
     if workload == "query":
         return query_cases(shape, tokenizer, seed)
+    if workload == "document":
+        return document_cases(shape, tokenizer, seed)
     if workload == "small-batch":
         return small_batch_cases(shape, tokenizer, seed, SHAPES[shape].padding_side)
     if workload == "sweep":

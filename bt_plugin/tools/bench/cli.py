@@ -11,8 +11,9 @@ from bt_plugin.tools.bench.peers import PEERS
 from bt_plugin.tools.bench.report import README_END, README_START, _pyplot, plot_speedups, render_markdown, rewrite_readme
 from bt_plugin.tools.bench.results import BenchResults, FALLBACK_MESSAGE
 from bt_plugin.tools.bench.runner import run_settings
-from bt_plugin.tools.bench.settings import (CANDIDATES, DEFAULT_REPEATS, DEFAULT_SHAPES, PRECISIONS, QUICK_REPEATS,
-                                            QUICK_THREADS, SHAPES, WORKLOADS, make_settings)
+from bt_plugin.tools.bench.settings import (CANDIDATES, DEFAULT_REPEATS, DEFAULT_SHAPES, DOCUMENT_TOKENS,
+                                            ENCODER_WORKLOADS, PRECISIONS, QUICK_PLAN, QUICK_REPEATS, QUICK_THREADS,
+                                            SHAPES, WORKLOADS, make_settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bt_plugin bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     public = [name for name, shape in SHAPES.items() if shape.public]
-    parser.add_argument("--quick", action="store_true", help="minilm (text, no-padding, batch1, query, "
-                        "small-batch), bert-small (sweep at 32 x 128), minilm-lora and gte-small (text), "
+    parser.add_argument("--quick", action="store_true", help=f"minilm ({', '.join(QUICK_PLAN['minilm'])}), "
+                        "bert-small (sweep at 32 x 128), minilm-lora and gte-small (text), "
                         "minilm-reranker (rerank), bert-tiny (small-batch); 3 repeats, 1 text batch, no peak "
                         "memory, 1 torch thread")
     parser.add_argument("--repeats", type=int, default=None,
@@ -29,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shapes", type=_names, default=None, help=f"comma-separated: {', '.join(public)} "
                         f"(default {','.join(DEFAULT_SHAPES)})")
     parser.add_argument("--workloads", type=_names, default=None, help=f"comma-separated: {', '.join(WORKLOADS)} "
-                        "(default: text, no-padding, batch1, query, small-batch everywhere; sweep on the bert shapes; "
-                        "rerank on minilm-reranker, which runs nothing else)")
+                        f"(default: {', '.join(ENCODER_WORKLOADS)} everywhere; sweep on the bert shapes; "
+                        "rerank on minilm-reranker, which runs nothing else; query and document: one real query, "
+                        f"one real paragraph of {DOCUMENT_TOKENS[0]}-{DOCUMENT_TOKENS[1]} tokens per call, unpadded)")
     parser.add_argument("--candidates", type=_names, default=None,
                         help=f"comma-separated: {', '.join(CANDIDATES)} (default all; stock is always run)")
     parser.add_argument("--precisions", type=_names, default=None,

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bt_plugin.tools.bench.settings import CANDIDATES, RERANK_BATCH, SHAPES, Shape
+from bt_plugin.tools.bench.settings import (BT_PLUGIN_PRECISIONS, CANDIDATE_OPTIONS, CANDIDATES, RERANK_BATCH,
+                                            SHAPES, Shape)
 
 
 class Unavailable(Exception):
@@ -146,7 +147,10 @@ def load_candidate(source: str, candidate: str, adapter: bool = False, attention
     if bt_plugin.is_converted(model):  # BT_PLUGIN=1 in the environment converts every load
         bt_plugin.revert(model)
     if kernel is not None:
-        bt_plugin.convert(model, kernel=kernel, **({"precision": "bf16"} if precision == "bf16" else {}))
+        options = dict(CANDIDATE_OPTIONS.get(candidate, {}))
+        if precision in BT_PLUGIN_PRECISIONS:
+            options["precision"] = precision
+        bt_plugin.convert(model, kernel=kernel, **options)
     wrapped = with_adapter(wrapped) if adapter else wrapped
     if precision == "bf16-weights":
         base_model(wrapped).to(torch.bfloat16)  # the adapter's weights too (peft puts them inside)

@@ -24,7 +24,7 @@ def _row_cells(case: CaseResult, row: CandidateResult) -> list[str]:
         return [row.label, f"unavailable: {row.unavailable}", "", "", f"{case.real_fraction:.0%}", "", "", "", ""]
     ratio = case.ratio(row)
     diff = f"{row.max_abs_diff:.1e} {'ok' if row.exact else 'FAIL'}"
-    if row.precision != "fp32":
+    if row.reduced:
         diff = f"cos {row.min_cosine:.5f} {'ok' if row.exact else 'FAIL'}"
     calls = "-" if not row.fused else f"{row.fused_calls} / {row.fallback_calls}"
     spread = f"{_ms(min(row.times_ms))}–{_ms(max(row.times_ms))}" + (" noisy" if row.noisy else "")
@@ -98,10 +98,11 @@ def machine_line(results: BenchResults) -> str:
             f"{', '.join(m.get('native_precisions') or []) or 'none'}; {_precisions(s)}, "
             f"`torch.inference_mode()`, median of {s.repeats} interleaved runs"
             f"{' (--quick)' if s.quick else ''}; ratio = fp32 stock median / candidate median; of ideal = the "
-            f"speed-up over stock in the same precision (autocast for precision='bf16') / (1 / real-token fraction); of limit = the real tokens' FLOPs per second / the matrix-multiply "
-            f"rate this process measured on the same shapes just before, in the dtype the row computes in "
-            f"(bt_plugin.tools.bench.limit); vs fp32 stock = max abs diff on real tokens (fp32 rows), min cosine "
-            f"of mean-pooled outputs (reduced precision).")
+            f"speed-up over stock in the same precision (autocast for precision='bf16' and bf16 peers) / (1 / "
+            f"real-token fraction); of limit = the real tokens' FLOPs per second / the faster matrix-multiply "
+            f"rate of F.linear and oneDNN on prepacked weights, measured on the same shapes just before, in the "
+            f"dtype the row computes in (bt_plugin.tools.bench.limit); vs fp32 stock = max abs diff on real "
+            f"tokens (fp32 rows), min cosine of mean-pooled outputs (reduced precision, a peer's included).")
 
 
 def _precisions(settings) -> str:
@@ -151,8 +152,8 @@ PLOTTED_CANDIDATE = AUTO_KERNEL["cpu"]
 
 def speedup_series(results: BenchResults, candidate: str = PLOTTED_CANDIDATE) -> dict[str, list[tuple[float, float]]]:
     """Per shape (one line per family): `(real-token fraction, speed-up over stock)` of every fp32
-    case the candidate ran (text, no-padding, batch1, query, each small batch, each sweep point,
-    rerank), sorted by fraction; the chart's data."""
+    case the candidate ran (text, no-padding, batch1, query, document, each small batch, each sweep
+    point, rerank), sorted by fraction; the chart's data."""
     series: dict[str, list[tuple[float, float]]] = {}
     for case in results.cases:
         row = case.row(candidate)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from bt_plugin.tools.bench.settings import CANDIDATES, QUALITY_FLOOR, Settings
+from bt_plugin.tools.bench.settings import BT_PLUGIN_PRECISIONS, CANDIDATES, QUALITY_FLOOR, Settings
 
 
 TOLERANCE = 1e-5
@@ -34,11 +34,19 @@ class CandidateResult:
     precision: str = "fp32"  # see settings.PRECISIONS
     min_cosine: float | None = None  # reduced precision: min cosine of pooled outputs to fp32 stock
     matmul_gflops: float | None = None  # the matrix-multiply rate in this row's dtype (its own process)
+    computes_in: str | None = None  # what a peer reports computing in where its name does not fix it (`bf16`)
 
     @property
     def label(self) -> str:
-        """The candidate, with its precision when that is not fp32 (`packed autocast`)."""
-        return self.candidate if self.precision == "fp32" else f"{self.candidate} {self.precision}"
+        """The candidate, with its precision when that is not fp32 (`packed autocast`), or what a peer
+        reports computing in (`openvino (bf16)`)."""
+        name = self.candidate if self.computes_in is None else f"{self.candidate} ({self.computes_in})"
+        return name if self.precision == "fp32" else f"{name} {self.precision}"
+
+    @property
+    def reduced(self) -> bool:
+        """Whether the row computes below float32: a reduced precision, or a peer reporting one."""
+        return self.precision != "fp32" or self.computes_in not in (None, "f32")
 
     @property
     def median_ms(self) -> float | None:
@@ -56,7 +64,7 @@ class CandidateResult:
     def exact(self) -> bool:
         """Whether the output equals stock's on real tokens within TOLERANCE (at reduced precision:
         whether its pooled outputs keep a cosine of QUALITY_FLOOR to fp32 stock's)."""
-        if self.precision != "fp32":
+        if self.reduced:
             return self.min_cosine is not None and self.min_cosine >= QUALITY_FLOOR
         return self.max_abs_diff is not None and self.max_abs_diff <= TOLERANCE
 
@@ -103,8 +111,10 @@ class CaseResult:
 
     def of_ideal(self, row: CandidateResult) -> float | None:
         """The speed-up over stock computing in the same precision (precision='bf16' computes what
-        stock does under autocast), times the real-token fraction: 100 % removes exactly the padding."""
-        same = self.row("stock", "autocast" if row.precision == "bf16" else row.precision)
+        stock does under autocast, and so does a peer computing in bf16), times the real-token
+        fraction: 100 % removes exactly the padding."""
+        reduced = row.precision in BT_PLUGIN_PRECISIONS or row.computes_in == "bf16"
+        same = self.row("stock", "autocast" if reduced else row.precision)
         if not (same and same.median_ms and row.median_ms):
             return None
         return same.median_ms / row.median_ms * self.real_fraction
@@ -149,7 +159,7 @@ class BenchResults:
                 where = f"{case.shape} {case.workload} ({case.real_fraction:.0%} real): {row.label}"
                 if row.unavailable or row.peer:
                     continue
-                if not row.exact and row.precision != "fp32":
+                if not row.exact and row.reduced:
                     found.append(f"{where}: min cosine to fp32 stock {row.min_cosine} below {QUALITY_FLOOR} (FAIL)")
                 elif not row.exact:
                     found.append(f"{where}: max abs diff {row.max_abs_diff} exceeds {TOLERANCE} (FAIL)")

@@ -12,10 +12,14 @@ CANDIDATES: dict[str, tuple[str, str | None]] = {
     "stock-eager": ("eager", None),
     "fastpath": ("sdpa", "fastpath"),
     "packed": ("sdpa", "packed"),
+    "packed-prepack": ("sdpa", "packed"),
 }
+# what a candidate passes to bt_plugin.convert beyond its kernel: packed-prepack is the opt-in
+# prepacked weight copy (bt_plugin.dispatch.derived)
+CANDIDATE_OPTIONS: dict[str, dict] = {"packed-prepack": {"prepack": True}}
 
 
-MEMORY_CANDIDATES = ("stock", "fastpath", "packed")
+MEMORY_CANDIDATES = ("stock", "fastpath", "packed", "packed-prepack")
 
 
 # What each candidate computes in. Every precision but fp32 is timed in a process of its own: bf16
@@ -25,19 +29,24 @@ PRECISIONS: dict[str, str] = {
     "fp32": "as loaded, float32",
     "bf16-weights": "loaded in bfloat16 (weights, activations and outputs bf16)",
     "autocast": "called under torch.autocast('cpu', dtype=torch.bfloat16)",
-    "bf16": "bt_plugin's precision='bf16' (float32 model, its layers under autocast); bt_plugin candidates only",
+    "bf16": "bt_plugin's precision='bf16' (float32 model, its layers in bf16); bt_plugin candidates only",
+    "auto": "bt_plugin's precision='auto' (bf16 per call where it pays, on a CPU with native bf16; else fp32); "
+            "bt_plugin candidates only",
 }
-PRECISION_DTYPES = {"fp32": "float32", "bf16-weights": "bfloat16", "autocast": "bfloat16", "bf16": "bfloat16"}
+PRECISION_DTYPES = {"fp32": "float32", "bf16-weights": "bfloat16", "autocast": "bfloat16", "bf16": "bfloat16",
+                    "auto": "bfloat16"}
+BT_PLUGIN_PRECISIONS = ("bf16", "auto")  # bt_plugin's own precision options: stock does not run them
 # Below this minimum cosine of pooled outputs to fp32 stock a reduced-precision row fails the run.
 QUALITY_FLOOR = 0.999
 
 
-TOKEN_WORKLOADS = ("text", "no-padding", "batch1", "query", "small-batch", "sweep")  # token tensors into the model
+# token tensors into the model
+TOKEN_WORKLOADS = ("text", "no-padding", "batch1", "query", "document", "small-batch", "sweep")
 
 
 # What most shapes run by default: real text, no padding, and the per-call workloads (one short
-# query per call, small padded batches of queries).
-ENCODER_WORKLOADS = ("text", "no-padding", "batch1", "query", "small-batch")
+# query per call, one document per call, small padded batches of queries).
+ENCODER_WORKLOADS = ("text", "no-padding", "batch1", "query", "document", "small-batch")
 
 
 WORKLOADS = (*TOKEN_WORKLOADS, "rerank")  # rerank: sentence-transformers' CrossEncoder.predict on text pairs
@@ -58,6 +67,11 @@ SWEEP_BATCH, SWEEP_LENGTH, QUICK_SWEEP_LENGTH = 32, 256, 128
 # query: QUERY_CALLS real short queries (a paragraph's first sentence), one per call, in arrival order;
 # small-batch: SMALL_BATCH_CALLS padded batches of each size in SMALL_BATCH_SIZES of such queries.
 QUERY_CALLS, SMALL_BATCH_SIZES, SMALL_BATCH_CALLS = 16, (2, 4, 8), 8
+
+
+# document: DOCUMENT_CALLS real paragraphs of DOCUMENT_TOKENS tokens (the shape's tokenizer, special
+# tokens included), one per call, unpadded: an indexing service embedding the passages it stores.
+DOCUMENT_CALLS, DOCUMENT_TOKENS = 8, (100, 200)
 
 
 @dataclass(frozen=True)
@@ -218,7 +232,7 @@ def computes_at(candidate: str, precision: str) -> bool:
     stock code it falls back to (and fail the run)."""
     kernel = CANDIDATES[candidate][1]
     if kernel is None:
-        return precision != "bf16"
+        return precision not in BT_PLUGIN_PRECISIONS
     if precision == "fp32":
         return True
     import torch
@@ -227,7 +241,7 @@ def computes_at(candidate: str, precision: str) -> bool:
 
     hidden = torch.zeros(1, 1, 1, dtype=getattr(torch, PRECISION_DTYPES[precision])
                          if precision == "bf16-weights" else torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision in ("autocast", "bf16")):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision in ("autocast", *BT_PLUGIN_PRECISIONS)):
         return KERNELS[kernel].input_reason(hidden) is None
 
 

@@ -64,7 +64,8 @@ def received_masks(model: nn.Module):
 def check_exactness(case: Case, models: dict[str, nn.Module], rows: dict[str, CandidateResult],
                     stock: nn.Module, precision: str = "fp32") -> float:
     """Untimed warm-up run of every candidate; its output is compared with fp32 `stock` on real
-    tokens (at reduced precision: the cosine of pooled outputs, and the max abs diff).
+    tokens (at reduced precision, or a peer computing in one: the cosine of pooled outputs, and the
+    max abs diff).
 
     Returns the milliseconds of the first timed candidate's warm-up run.
     """
@@ -79,9 +80,16 @@ def check_exactness(case: Case, models: dict[str, nn.Module], rows: dict[str, Ca
         outputs = reference if model is stock else [forward(model, b, precision) for b in case.batches]
         first_ms = 1000 * (time.perf_counter() - start) if first_ms is None else first_ms
         rows[name].max_abs_diff = max_diff_on_real(outputs, reference, case)
-        if precision != "fp32":
+        if rows[name].reduced:
             rows[name].min_cosine = min_pooled_cosine(outputs, reference, case)
     return first_ms
+
+
+def peer_precision(name: str, model: nn.Module) -> str | None:
+    """What a peer reports computing in (OpenVINO's compiled precision), unless its name already says
+    so (`openvino-f32`); None for the candidates and the peers that do not report one."""
+    reported = getattr(model, "computes_in", None)
+    return None if reported is None or name.endswith(f"-{reported}") else reported
 
 
 def time_run(model: nn.Module, case: Case, passes: int = 1, precision: str = "fp32") -> float:
@@ -102,25 +110,37 @@ def passes_per_run(case: Case, first: nn.Module, warm_up_ms: float, precision: s
     return max(1, min(MAX_PASSES, math.ceil(MIN_RUN_MS / max(time_run(first, case, 1, precision), 1e-3))))
 
 
+# What a peer reporting a reduced precision (OpenVINO's INFERENCE_PRECISION_HINT) computes in.
+PEER_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def computing_dtype(models: dict[str, nn.Module], precision: str) -> torch.dtype:
+    """The dtype this process's rows compute in: `precision`'s, or a peer's reduced one."""
+    reported = next((getattr(m, "computes_in", None) for m in models.values()), None)
+    return PEER_DTYPES.get(reported) or getattr(torch, PRECISION_DTYPES[precision])
+
+
 def case_limit(case: Case, models: dict[str, nn.Module], stock: nn.Module,
                precision: str = "fp32") -> tuple[float | None, float | None]:
     """(GFLOP of the real tokens per pass over the case, this process's matrix-multiply GFLOP/s on
-    the case's shapes in the dtype `precision` computes in, measured now), see
-    bt_plugin.tools.bench.limit; (None, None) without a fused candidate. The layers are those a
-    fused candidate converted, their linears stock's."""
+    the case's shapes in the dtype its rows compute in, measured now), see bt_plugin.tools.bench.limit;
+    (None, None) without a fused candidate or a reduced-precision peer (an fp32 peer's rows take
+    the rate the candidates' process measured). The layers are those bt_plugin converts (in a fused
+    candidate, or would convert in stock), their linears stock's."""
     import bt_plugin
     from bt_plugin.tools.bench import limit
 
     fused = [m for name, m in models.items() if name in CANDIDATES and CANDIDATES[name][1]]
-    if not fused:
+    dtype = computing_dtype(models, precision)
+    if not fused and dtype == torch.float32:
         return None, None
     model = base_model(stock)
-    paths = [layer.path for layer in bt_plugin.explain(base_model(fused[0])).layers]
+    paths = [layer.path for layer in bt_plugin.explain(base_model(fused[0]) if fused else model).layers]
     lengths = [int(n) for mask in case.masks for n in mask.sum(dim=1)]
     work = limit.real_flops(limit.encoder_linears(model, paths), lengths, limit.attention_width(model.config),
                             len(paths))
     rate = limit.matmul_rate(limit.encoder_linears(model, paths[:1]), [int(mask.sum()) for mask in case.masks],
-                             dtype=getattr(torch, PRECISION_DTYPES[precision]))
+                             dtype=dtype)
     return work / 1e9, rate / 1e9
 
 
@@ -130,7 +150,8 @@ def time_case(case: Case, models: dict[str, nn.Module], repeats: int, bar, stock
     matrix-multiply limit, then `repeats` interleaved repetitions (rotating order) of every
     candidate, called at `precision`."""
     stock = models["stock"] if stock is None else stock
-    rows = {name: CandidateResult(name, precision=precision) for name in models}
+    rows = {name: CandidateResult(name, precision=precision, computes_in=peer_precision(name, m))
+            for name, m in models.items()}
     first = next(iter(models.values()))
     passes = passes_per_run(case, first, check_exactness(case, models, rows, stock, precision), precision)
     real_gflop, matmul_gflops = case_limit(case, models, stock, precision)
