@@ -184,3 +184,31 @@ def test_small_batches_attend_in_one_masked_call_equal_to_per_sequence_attention
                               for start, count in state.segments])
     assert one_call.shape == per_sequence.shape
     assert (one_call - per_sequence).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("fastpath_enabled", [True, False])
+@pytest.mark.parametrize("act,one_call", [("gelu", True), ("relu", True), ("gelu_new", False)])
+@pytest.mark.parametrize("lengths", [(11,), (6, 6, 6)])
+def test_a_call_with_nothing_padded_runs_torchs_fused_layer_once_per_layer(tmp_path, monkeypatch, act, one_call,
+                                                                            lengths, fastpath_enabled):
+    """Where nothing is padded (one sequence, or rows of one length) packed hands each layer torch's
+    fused encoder-layer kernel when that kernel computes it exactly; else (gelu_new, or the
+    fastpath switched off) its own ops. Either way the output equals stock."""
+    stock, converted = _pair(tmp_path, "packed", hidden_act=act)
+    calls = []
+    fused = torch._transformer_encoder_layer_fwd
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", lambda *a: calls.append(1) or fused(*a))
+    ids, mask = padded_batch(list(lengths), seed=5, pad_token=0)
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(fastpath_enabled)
+    try:
+        with torch.inference_mode():
+            want = stock(input_ids=ids, attention_mask=mask).last_hidden_state
+            calls.clear()
+            got = converted(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+    assert max_diff_on_real(want, got, mask) <= ATOL
+    layers = converted.config.num_hidden_layers
+    assert len(calls) == (layers if one_call and fastpath_enabled else 0)
+    assert all(layer.fused_calls == 1 for layer in bt_plugin.explain(converted).layers)

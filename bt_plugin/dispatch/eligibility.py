@@ -226,26 +226,24 @@ def structure_stamp(layer: nn.Module) -> tuple[tuple | None, str | None]:
     if module_impl._global_forward_hooks or module_impl._global_forward_pre_hooks:
         return None, "global module forward hooks were registered"
     stamp = []
-    append, pending = stamp.append, [layer]
+    extend, pending = stamp.extend, [layer]
     while pending:
         module = pending.pop()
         state = module.__dict__
         if (state["_forward_hooks"] or state["_forward_pre_hooks"]) and _has_user_hook(module):
             name = next(n for n, m in layer.named_modules() if m is module)
             return None, f"forward hooks were registered on {name or 'the layer'}"
-        if module is not layer and capture_wrapped(module):  # attentions recorded (transformers 4.5x)
+        if "forward" in state and module is not layer and capture_wrapped(module):  # attentions recorded (4.5x)
             name = next(n for n, m in layer.named_modules() if m is module)
             if hasattr(state["forward"], "__wrapped__"):  # transformers' recording wrapper
                 return None, (f"the call recorded attentions (transformers replaced the forward of {name}; "
                               "output_attentions=True)")
             return None, f"the forward of {name} was replaced on the instance (a fused kernel would skip it)"
-        append(id(module))  # ids: a tensor's == compares values (a plan's tensors keep these alive)
-        append(type(module))
+        # ids: a tensor's == compares values (a plan's tensors keep these alive)
+        extend((id(module), type(module)))
         for param in state["_parameters"].values():
             if param is not None:
-                append(id(param))
-                append(param.data_ptr())
-                append(param.dtype)
+                extend((id(param), param.data_ptr(), param.dtype))
         pending += state["_modules"].values()
     return tuple(stamp), None
 

@@ -25,7 +25,7 @@ from bt_plugin.dispatch.activations import activation_name
 from bt_plugin.dispatch.derived import current_qkv, fused_qkv, unfuse_qkv  # noqa: F401  (conversion's)
 from bt_plugin.compat import capture_wrapped, recorded_outputs
 from bt_plugin.compat import CACHE_ARGUMENTS
-from bt_plugin.dispatch.eligibility import (cache_reason, call_reason, fused_reason, layer_code_reason,
+from bt_plugin.dispatch.eligibility import (cache_reason, call_reason, fused_reason, kernel_reason, layer_code_reason,
                                             layer_code_serves, mode_reason, structure_stamp)
 from bt_plugin.dispatch.heads import PaddedReads, padded_reads
 from bt_plugin.kernels.binned import BINNED, run_binned
@@ -191,7 +191,8 @@ def layer_tensors(layer) -> LayerTensors:
         r["layer_scale1"], r["layer_scale2"],
         float(r["attention_scale"]) if r["attention_scale"] is not None else None,
     )
-    return dataclasses.replace(tensors, linears=plain_linears(tensors))
+    one_call = kernel_reason(layer, layer._bt_spec, FASTPATH, r) is None
+    return dataclasses.replace(tensors, linears=plain_linears(tensors), one_call=one_call)
 
 
 def _stats(layer) -> LayerStats:

@@ -109,6 +109,10 @@ class PackedKernel:
         multiplies through `t.linears` (plain or prepacked weights, which fuse the activation and the
         residual adds where they can), attention per sequence, layer norms."""
         mm = t.linears or plain_linears(t)
+        if t.one_call and not mm.prepacked and torch.backends.mha.get_fastpath_enabled()                 and not torch.is_autocast_enabled(x.device.type):
+            dense = _dense(x, state)
+            if dense is not None:
+                return _one_call_layer(x, t, dense)
         shape = (t.embed_dim,)
         if t.norm_first:
             normed = F.layer_norm(x, shape, t.norm1_weight, t.norm1_bias, t.norm1_eps)
@@ -118,6 +122,29 @@ class PackedKernel:
         x = F.layer_norm(mm.out(_attend(mm.qkv(x), t, state), x, t.layer_scale1), shape,
                          t.norm1_weight, t.norm1_bias, t.norm1_eps)
         return F.layer_norm(mm.down(mm.up(x), x, t.layer_scale2), shape, t.norm2_weight, t.norm2_bias, t.norm2_eps)
+
+
+def _dense(x: torch.Tensor, state: PackState) -> tuple[int, int] | None:
+    """`(sequences, length)` when the packed tokens are sequences of one length with no mask among
+    them (nothing padded, or a single sequence): a dense `(sequences, length, E)` view."""
+    if state.key_mask is not None or state.score_bias is not None or not state.segments:
+        return None
+    length = state.segments[0][1]
+    if any(count != length for _, count in state.segments) or x.dtype != torch.float32:
+        return None
+    return len(state.segments), length
+
+
+def _one_call_layer(x: torch.Tensor, t: LayerTensors, shape: tuple[int, int]) -> torch.Tensor:
+    """The whole layer in one call of torch's fused encoder-layer kernel (BetterTransformer's, the
+    fastpath kernel's) on the dense view: no padding to remove, and one C++ call instead of a
+    dozen Python-dispatched ops (on a short sequence their per-op cost outweighs the arithmetic)."""
+    dense = x.view(*shape, t.embed_dim)
+    return torch._transformer_encoder_layer_fwd(
+        dense, t.embed_dim, t.num_heads, t.in_proj_weight, t.in_proj_bias, t.out_proj_weight, t.out_proj_bias,
+        t.activation == "gelu", t.norm_first, t.norm1_eps, t.norm1_weight, t.norm1_bias, t.norm2_weight,
+        t.norm2_bias, t.linear1_weight, t.linear1_bias, t.linear2_weight, t.linear2_bias, None, None,
+    ).view(-1, t.embed_dim)
 
 
 def plain_linears(t: LayerTensors) -> Linears:

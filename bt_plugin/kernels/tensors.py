@@ -37,6 +37,9 @@ class LayerTensors:
     # the four matrix multiplies (bt_plugin.kernels.linear.Linears): on the plain weights above, or on
     # a derived copy (prepacked, or reduced precision) that bt_plugin.dispatch.derived holds
     linears: object = None
+    # whether torch's fused encoder-layer kernel computes this layer exactly (fastpath's static rule):
+    # the packed kernel hands it the sequences of a call where none is padded (see PackedKernel.layer)
+    one_call: bool = False
 
 
 def dtype_reason(name: str, dtypes: dict, hidden: torch.Tensor) -> str | None:
