@@ -98,11 +98,11 @@ def resolve_precision(name: str, device_type: str = "cpu") -> str:
     return auto_choice(device_type)[0] if name == "auto" else name
 
 
-def compute_dtype(name: str | None, hidden, layer, own_code: bool = False) -> torch.dtype | None:
+def compute_dtype(name: str | None, hidden, layer, own_code=lambda: False) -> torch.dtype | None:
     """The dtype one layer call computes in under precision `name`, or None (as loaded): only
     inference calls (eval mode, no gradient recorded) on float32 hidden states, outside a user's own
-    autocast; under `auto`, only calls where bf16 pays (`auto_pays`; `own_code`: the layer runs its
-    own code under autocast, not a fused kernel)."""
+    autocast; under `auto`, only calls where bf16 pays (`auto_pays`; `own_code()`: whether the layer
+    runs its own code under autocast rather than a fused kernel, asked under `auto` only)."""
     if not name or name == "fp32" or not isinstance(hidden, torch.Tensor) or hidden.dtype != torch.float32:
         return None
     device = hidden.device.type
@@ -111,7 +111,7 @@ def compute_dtype(name: str | None, hidden, layer, own_code: bool = False) -> to
     if torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in layer.parameters())):
         return None
     dtype = DTYPES.get(resolve_precision(name, device))
-    if dtype is not None and name == "auto" and not auto_pays(hidden, own_code):
+    if dtype is not None and name == "auto" and not auto_pays(hidden, own_code()):
         return None
     return dtype
 

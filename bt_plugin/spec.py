@@ -137,7 +137,13 @@ class EncoderSpec:
     @property
     def has_fused_layout(self) -> bool:
         """Whether the spec names the roles a fused kernel needs (else: layer code only)."""
-        return all(getattr(self, role) is not None for role in ROLES)
+        return _derived(self)[0]
+
+    @property
+    def role_paths(self) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
+        """`(role, path parts)` for every role (None where the spec names none), split once:
+        `resolve_roles` runs on every call."""
+        return _derived(self)[1]
 
     def for_layer(self, layer: Any) -> "EncoderSpec":
         """This spec, or the variant with the first of `other_layouts` whose paths all resolve on
@@ -194,6 +200,22 @@ def config_flags_false(*names: str) -> ConfigCheck:
     return check
 
 
+# What a spec's fields give, computed once per spec object (the spec itself is kept as the key's owner,
+# so its id is never reused while cached); kept outside the instance so `spec.__dict__` holds fields only.
+_DERIVED: dict[int, tuple["EncoderSpec", tuple]] = {}
+
+
+def _derived(spec: "EncoderSpec") -> tuple:
+    entry = _DERIVED.get(id(spec))
+    if entry is None or entry[0] is not spec:
+        if len(_DERIVED) >= 512:  # layout variants are made anew by explain(): keep the cache bounded
+            _DERIVED.clear()
+        paths = tuple((role, None if getattr(spec, role) is None else tuple(getattr(spec, role).split(".")))
+                      for role in ROLES + OPTIONAL_ROLES)
+        entry = _DERIVED[id(spec)] = (spec, (all(getattr(spec, role) is not None for role in ROLES), paths))
+    return entry[1]
+
+
 ROLES = ("query", "key", "value", "out_proj", "norm1", "linear1", "activation", "linear2", "norm2", "num_heads")
 OPTIONAL_ROLES = ("layer_scale1", "layer_scale2", "attention_scale")
 
@@ -205,13 +227,12 @@ def resolve_roles(layer: Any, spec: EncoderSpec) -> dict[str, Any]:
     `__getattr__` is slow); anything else falls back to getattr.
     """
     roles = {}
-    for role in ROLES + OPTIONAL_ROLES:
-        path = getattr(spec, role)
+    for role, path in spec.role_paths:
         if path is None:
             roles[role] = None
             continue
         obj = layer
-        for part in path.split("."):
+        for part in path:
             children = getattr(obj, "_modules", None)
             obj = children[part] if children is not None and part in children else getattr(obj, part)
         roles[role] = obj

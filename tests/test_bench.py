@@ -382,6 +382,26 @@ def test_document_cases_are_real_paragraphs_of_100_to_200_tokens_one_per_call():
         assert ("minilm", "document") in plan
 
 
+def test_sorted_text_is_the_text_workloads_paragraphs_sorted_by_length():
+    """sorted-text: the same paragraphs as text, longest first, batched as sentence-transformers'
+    encode batches them (less padding than arrival order); in the quick plan, asked for otherwise."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(bench_models.minilm_dir()))
+    [text] = bench_cases.text_cases("minilm", 2, tokenizer, seed=0)
+    [ordered] = bench_cases.sorted_text_cases("minilm", 2, tokenizer, seed=0)
+    assert ordered.workload == "sorted-text" and len(ordered.batches) == len(text.batches) == 2
+    lengths = [int(n) for mask in ordered.masks for n in mask.sum(dim=1)]
+    assert lengths == sorted(lengths, reverse=True)
+    assert sorted(lengths) == sorted(int(n) for mask in text.masks for n in mask.sum(dim=1))
+    assert ordered.real_fraction > text.real_fraction
+    default = bench_settings.make_settings(None, None, None, None, False, None, None, 0, peers=()).plan()
+    quick = bench_settings.make_settings(None, None, None, None, True, None, None, 0, peers=()).plan()
+    assert not any(w == "sorted-text" for _, w in default) and ("minilm", "sorted-text") in quick
+    asked = bench_settings.make_settings(["minilm"], ["sorted-text"], None, None, False, None, None, 0, peers=())
+    assert asked.plan() == [("minilm", "sorted-text")]
+
+
 def test_onnx_runtime_is_a_peer_row_timed_in_its_own_process(tmp_path, capsys):
     """With onnxruntime installed, its row joins the same cases (the export of stock's weights,
     compared with stock on real tokens), ratios to stock; a peer is shown, never judged."""

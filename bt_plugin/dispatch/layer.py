@@ -81,7 +81,7 @@ class FusedLayer:
             return out if reduced is None else _in_dtype(self, out, hidden_states.dtype)
         refused = self.__dict__.get("_bt_precision_reason")
         dtype = None if refused else compute_dtype(self.__dict__.get("_bt_precision"), hidden_states, self,
-                                                   _computes_own_code(self))
+                                                   lambda: _computes_own_code(self))
         if dtype is not None:
             saved = None if frame is None else (frame.carrier, frame.state, frame.kernel, frame.reduced)
             try:
@@ -349,11 +349,11 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict, reduced: torch.dtype | N
 
 def _computes_own_code(layer) -> bool:
     """Whether the layer's latest path runs its own code (layer code, bins) rather than a fused
-    kernel (before its first call: whether its spec has no fused layout)."""
+    kernel (before its first call: whether its spec or a replaced module sends it there)."""
     plan = layer.__dict__.get("_bt_plan")
     if plan is not None and plan.path[0] is not None:
         return _runs_own_code(plan.path[0])
-    return not layer._bt_spec.has_fused_layout
+    return not layer._bt_spec.has_fused_layout or bool(layer_code_serves(layer, layer._bt_spec))
 
 
 def _nothing_padded(layer, hidden, mask) -> bool:

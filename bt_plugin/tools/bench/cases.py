@@ -72,6 +72,17 @@ def text_cases(shape: str, batches: int, tokenizer, seed: int, padding_side: str
                                           padding_side))]
 
 
+def sorted_text_cases(shape: str, batches: int, tokenizer, seed: int, padding_side: str = "right") -> list[Case]:
+    """The text workload's paragraphs sorted by token length, longest first, then batched: what
+    sentence-transformers' `encode` does before it batches (little padding is left to remove)."""
+    from bt_plugin.tools import corpus
+
+    texts = corpus.sample(batches * TEXT_BATCH, seed)
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=TEXT_MAX_LENGTH)["input_ids"]]
+    ordered = [text for _, text in sorted(zip(lengths, texts), key=lambda pair: -pair[0])]
+    return [Case(shape, "sorted-text", tokenized(ordered, TEXT_BATCH, tokenizer, padding_side))]
+
+
 def queries(count: int, seed: int) -> list[str]:
     """`count` real short queries: the first sentence of paragraphs drawn seeded and shuffled (a
     search query's length: about 10 to 30 tokens)."""
@@ -160,6 +171,8 @@ def build_cases(shape: str, workload: str, tokenizer, settings: Settings, vocab:
     seed = settings.seed
     if workload == "text":
         return text_cases(shape, settings.text_batches, tokenizer, seed, SHAPES[shape].padding_side)
+    if workload == "sorted-text":
+        return sorted_text_cases(shape, settings.text_batches, tokenizer, seed, SHAPES[shape].padding_side)
     if workload == "rerank":
         return rerank_cases(shape, settings.text_batches, seed)
     if workload == "no-padding":
