@@ -29,8 +29,9 @@ pytestmark = [pytest.mark.usefixtures("hf_offline"),
 
 
 def _bert(**overrides):
-    return BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                      intermediate_size=128, **overrides)
+    # a feed-forward weight of linear.ONEDNN_MIN_WEIGHT elements: the smallest layer prepack=True prepacks
+    return BertConfig(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=1024, **overrides)
 
 
 def _batch(lengths: list[int], left: bool = False) -> dict:
@@ -57,6 +58,20 @@ def test_prepacked_layers_equal_stock_and_report_the_copy(act, side):
     assert report.prepack and all(layer.precision == "fp32 (prepacked)" for layer in report.layers), report
     assert report.held_bytes >= _matrix_bytes(converted)  # the matrix weights once more
     assert "held beside the parameters" in str(report)
+
+
+def test_a_narrow_layer_keeps_its_plain_weights_under_the_opt_in():
+    """Below linear.ONEDNN_MIN_WEIGHT (hidden 64 here) oneDNN's per-call cost outweighs the layout:
+    prepack=True holds nothing there and computes on the parameters."""
+    config = BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128)
+    stock, converted = stock_and_converted(BertModel, config, kernel="packed", prepack=True)
+    batch = _batch([6, 2])
+    with torch.inference_mode():
+        want, got = stock(**batch).last_hidden_state, converted(**batch).last_hidden_state
+    assert max_diff_on_real(want, got, batch["attention_mask"]) <= ATOL
+    report = bt_plugin.explain(converted)
+    assert report.held_bytes == 0 and all(layer.precision == "fp32" for layer in report.layers), report
 
 
 def test_without_the_opt_in_nothing_is_held_beside_the_parameters():
@@ -92,8 +107,8 @@ def test_the_copy_follows_the_parameters_and_goes_with_revert_and_pickling(tmp_p
 
 
 def test_albert_shared_layer_prepacked_equals_stock():
-    config = AlbertConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=64, num_hidden_layers=3,
-                          num_attention_heads=4, intermediate_size=128)
+    config = AlbertConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=256, num_hidden_layers=3,
+                          num_attention_heads=4, intermediate_size=1024)
     stock, converted = stock_and_converted(AlbertModel, config, kernel="packed", prepack=True)
     batch = _batch([8, 2, 5])
     with torch.inference_mode():

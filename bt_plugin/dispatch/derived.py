@@ -23,6 +23,7 @@ import threading
 import torch
 from torch import nn
 
+from bt_plugin.kernels import linear
 from bt_plugin.kernels.linear import Linears, PrepackedLinears, prepack_available
 from bt_plugin.kernels.tensors import LayerTensors
 from bt_plugin.spec import resolve_roles
@@ -126,11 +127,15 @@ def unfuse_qkv(layer) -> None:
 
 def wants_copy(layer, tensors: LayerTensors, dtype: torch.dtype) -> bool:
     """Whether a call computing in `dtype` runs on a derived copy of the matrix weights: a reduced
-    precision the weights are not held in, or the prepacked opt-in (CPU, where oneDNN has it)."""
+    precision the weights are not held in, or the prepacked opt-in (CPU, where oneDNN has it). Under
+    the opt-in a layer whose feed-forward weight is smaller than `linear.ONEDNN_MIN_WEIGHT` keeps its
+    plain weights: oneDNN's per-call cost outweighs what the prepacked layout saves there (hidden 32:
+    0.75-0.88x of the plain route; `bench --quick`, bert-tiny small-batch, 2026-12-06)."""
     weight = tensors.out_proj_weight
     if dtype != weight.dtype:
         return True
-    return bool(layer.__dict__.get("_bt_prepack")) and weight.device.type == "cpu" and prepack_available()
+    return (bool(layer.__dict__.get("_bt_prepack")) and weight.device.type == "cpu" and prepack_available()
+            and tensors.linear1_weight.numel() >= linear.ONEDNN_MIN_WEIGHT)
 
 
 def kernel_tensors(layer, tensors: LayerTensors, dtype: torch.dtype) -> LayerTensors:
