@@ -118,8 +118,8 @@ def unfuse_qkv(layer) -> None:
     except AttributeError:  # the layer no longer matches its spec: nothing was fused
         parts = []
     with torch.inference_mode(False), torch.no_grad():
-        for linear in parts:
-            for param in (getattr(linear, "weight", None), getattr(linear, "bias", None)):
+        for module in parts:
+            for param in (getattr(module, "weight", None), getattr(module, "bias", None)):
                 if isinstance(param, torch.Tensor):
                     param.data = param.data.clone()
     layer.__dict__.pop(_QKV, None)

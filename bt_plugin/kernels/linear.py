@@ -74,6 +74,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return F.linear(x, weight, bias)
 
 
+@functools.cache
 def prepack_available() -> bool:
     """Whether this torch build can hold a weight in oneDNN's prepacked layout and multiply by it."""
     return onednn_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
