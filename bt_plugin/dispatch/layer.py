@@ -18,7 +18,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from bt_plugin.dispatch import derived
 from bt_plugin.dispatch.activations import activation_name

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bt_plugin.kernels.linear import Linears, linear
+from bt_plugin.kernels.linear import Linears
 from bt_plugin.kernels.tensors import LayerTensors, dtype_reason
 
 

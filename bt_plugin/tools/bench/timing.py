@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from bt_plugin.tools.bench.cases import Case
-from bt_plugin.tools.bench.models import base_model, calling, forward, layer_counts, load_candidate, load_candidates
+from bt_plugin.tools.bench.models import base_model, calling, forward, layer_counts, load_candidates
 from bt_plugin.tools.bench.results import CandidateResult, CaseResult
 from bt_plugin.tools.bench.settings import CANDIDATES, PRECISION_DTYPES, SHAPES, Settings, shape_candidates
 
