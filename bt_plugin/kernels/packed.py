@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from bt_plugin.kernels.fastpath import FastpathKernel
 from bt_plugin.kernels.linear import Linears
 from bt_plugin.kernels.tensors import LayerTensors, dtype_reason
 
@@ -31,7 +32,7 @@ class PackState:
     score_bias: torch.Tensor | None = None  # the layer's additive score bias these masks came from
     segment_masks: list[torch.Tensor] | None = None  # per segment: (1, H, n, n) bias among its tokens
     batched_mask: torch.Tensor | None = None  # the same, stacked, when every segment has one length
-    dtype: torch.dtype | None = None  # the hidden states' dtype, restored by unpack (the carrier may compute in another)
+    dtype: torch.dtype | None = None  # the hidden states' dtype, restored by unpack (the carrier may be another)
 
 
 class PackedKernel:
@@ -109,10 +110,11 @@ class PackedKernel:
         multiplies through `t.linears` (plain or prepacked weights, which fuse the activation and the
         residual adds where they can), attention per sequence, layer norms."""
         mm = t.linears or plain_linears(t)
-        if t.one_call and not mm.prepacked and torch.backends.mha.get_fastpath_enabled()                 and not torch.is_autocast_enabled(x.device.type):
+        if t.one_call and not mm.prepacked and torch.backends.mha.get_fastpath_enabled() \
+                and not torch.is_autocast_enabled(x.device.type):
             dense = _dense(x, state)
-            if dense is not None:
-                return _one_call_layer(x, t, dense)
+            if dense is not None:  # the whole layer in one call of torch's fused kernel (fastpath's)
+                return _FUSED_LAYER.layer(x.view(*dense, t.embed_dim), t).view(-1, t.embed_dim)
         shape = (t.embed_dim,)
         if t.norm_first:
             normed = F.layer_norm(x, shape, t.norm1_weight, t.norm1_bias, t.norm1_eps)
@@ -124,6 +126,12 @@ class PackedKernel:
         return F.layer_norm(mm.down(mm.up(x), x, t.layer_scale2), shape, t.norm2_weight, t.norm2_bias, t.norm2_eps)
 
 
+# Where nothing is padded, the layer runs as one call of torch's fused encoder-layer kernel on the dense
+# view (`t.one_call`: fastpath's static rule says it computes the layer exactly): one C++ call instead of
+# a dozen Python-dispatched ops, whose per-op cost outweighs the arithmetic on a short sequence.
+_FUSED_LAYER = FastpathKernel()
+
+
 def _dense(x: torch.Tensor, state: PackState) -> tuple[int, int] | None:
     """`(sequences, length)` when the packed tokens are sequences of one length with no mask among
     them (nothing padded, or a single sequence): a dense `(sequences, length, E)` view."""
@@ -133,18 +141,6 @@ def _dense(x: torch.Tensor, state: PackState) -> tuple[int, int] | None:
     if any(count != length for _, count in state.segments) or x.dtype != torch.float32:
         return None
     return len(state.segments), length
-
-
-def _one_call_layer(x: torch.Tensor, t: LayerTensors, shape: tuple[int, int]) -> torch.Tensor:
-    """The whole layer in one call of torch's fused encoder-layer kernel (BetterTransformer's, the
-    fastpath kernel's) on the dense view: no padding to remove, and one C++ call instead of a
-    dozen Python-dispatched ops (on a short sequence their per-op cost outweighs the arithmetic)."""
-    dense = x.view(*shape, t.embed_dim)
-    return torch._transformer_encoder_layer_fwd(
-        dense, t.embed_dim, t.num_heads, t.in_proj_weight, t.in_proj_bias, t.out_proj_weight, t.out_proj_bias,
-        t.activation == "gelu", t.norm_first, t.norm1_eps, t.norm1_weight, t.norm1_bias, t.norm2_weight,
-        t.norm2_bias, t.linear1_weight, t.linear1_bias, t.linear2_weight, t.linear2_bias, None, None,
-    ).view(-1, t.embed_dim)
 
 
 def plain_linears(t: LayerTensors) -> Linears:
