@@ -12,6 +12,17 @@ def _plugin_off_after_each_test():
     assert not patching.is_patched()
 
 
+@pytest.fixture
+def forget_private_ops():
+    """For tests that monkeypatch a private torch operator: bt_plugin.kernels.torch_ops looks each
+    up again after the patch (call `torch_ops.forget()` once it is in place) and after the test."""
+    from bt_plugin.kernels import torch_ops
+
+    torch_ops.forget()
+    yield torch_ops
+    torch_ops.forget()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny inputs: one intra-op thread avoids OpenMP spinning on a busy 2-core machine. Modules

@@ -190,7 +190,8 @@ def test_small_batches_attend_in_one_masked_call_equal_to_per_sequence_attention
 @pytest.mark.parametrize("act,one_call", [("gelu", True), ("relu", True), ("gelu_new", False)])
 @pytest.mark.parametrize("lengths", [(11,), (6, 6, 6)])
 def test_a_call_with_nothing_padded_runs_torchs_fused_layer_once_per_layer(tmp_path, monkeypatch, act, one_call,
-                                                                            lengths, fastpath_enabled):
+                                                                            lengths, fastpath_enabled,
+                                                                            forget_private_ops):
     """Where nothing is padded (one sequence, or rows of one length) packed hands each layer torch's
     fused encoder-layer kernel when that kernel computes it exactly; else (gelu_new, or the
     fastpath switched off) its own ops. Either way the output equals stock."""
@@ -198,6 +199,8 @@ def test_a_call_with_nothing_padded_runs_torchs_fused_layer_once_per_layer(tmp_p
     calls = []
     fused = torch._transformer_encoder_layer_fwd
     monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", lambda *a: calls.append(1) or fused(*a))
+    forget_private_ops.forget()
+    assert forget_private_ops.available(forget_private_ops.ENCODER_LAYER)  # its probe call, before the count
     ids, mask = padded_batch(list(lengths), seed=5, pad_token=0)
     previous = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(fastpath_enabled)

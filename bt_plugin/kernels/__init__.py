@@ -7,7 +7,9 @@
 - `attention.py`: the per-sequence attention those two hand to transformers' attention lookup;
 - `tensors.py`: what the fused kernels take (`LayerTensors`);
 - `linear.py`: the packed kernel's float32 CPU linears, through MKL (`F.linear`) or oneDNN;
-- `device_table.py`: the per-device choices (which kernel `auto` picks, which linear library).
+- `device_table.py`: the per-device choices (which kernel `auto` picks, which linear library);
+- `torch_ops.py`: every private torch operator the kernels call, looked up and tried once, with a
+  reason when the running torch lacks one (the kernel that needs it is then off).
 
 Every kernel has one interface: `pack`, `layer`, `unpack`. A stack packs once at its first layer
 and unpacks once after its last (see bt_plugin/dispatch/layer.py), so the `pack`/`unpack` cost is
@@ -16,6 +18,7 @@ paid once per forward, not per layer.
 
 from __future__ import annotations
 
+from bt_plugin.kernels import torch_ops
 from bt_plugin.kernels.device_table import AUTO_KERNEL, AUTO_KERNEL_UNDER_AUTOCAST, LINEAR_BY_CPU_VENDOR  # noqa: F401
 from bt_plugin.kernels.fastpath import FastpathKernel
 from bt_plugin.kernels.layercode import LAYER_CODE
@@ -37,11 +40,13 @@ def check_kernel_name(name: str) -> str:
 
 def resolve_kernel_name(name: str, device_type: str, autocast: bool = False) -> str:
     """The concrete kernel for a choice on a device (`auto` looks up AUTO_KERNEL, or
-    AUTO_KERNEL_UNDER_AUTOCAST while autocast is enabled there)."""
+    AUTO_KERNEL_UNDER_AUTOCAST while autocast is enabled there; `packed` where the running torch
+    lacks a private operator the table's pick calls, see bt_plugin.kernels.torch_ops)."""
     check_kernel_name(name)
     if name != "auto":
         return name
-    return (AUTO_KERNEL_UNDER_AUTOCAST if autocast else AUTO_KERNEL).get(device_type, "packed")
+    pick = (AUTO_KERNEL_UNDER_AUTOCAST if autocast else AUTO_KERNEL).get(device_type, "packed")
+    return pick if torch_ops.available(*getattr(KERNELS[pick], "private_ops", ())) else "packed"
 
 
 def get_kernel(name: str, device_type: str = "cpu", autocast: bool = False):

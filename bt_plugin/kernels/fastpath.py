@@ -3,29 +3,22 @@ BetterTransformer kernel) on nested tensors of each row's real tokens."""
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
+from bt_plugin.kernels import torch_ops
 from bt_plugin.kernels.tensors import LayerTensors, dtype_reason
 
-
-def _consume_nested_prototype_warning() -> None:
-    """torch warns once per process that strided nested tensors are a prototype. That is the API
-    the fused kernel takes, so the warning tells users nothing they can act on: trigger it here,
-    silenced, instead of in the user's first forward (without touching global warning filters)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch._nested_tensor_from_mask(torch.zeros(1, 1, 1), torch.ones(1, 1, dtype=torch.bool))
-
-
-_consume_nested_prototype_warning()
+# The private operators this kernel calls (bt_plugin.kernels.torch_ops looks them up and tries them
+# once; their probe also takes, silenced, torch's once-per-process warning that strided nested
+# tensors are a prototype, which would otherwise land in the user's first forward).
+PRIVATE_OPS = (torch_ops.ENCODER_LAYER, torch_ops.NESTED_FROM_MASK)
 
 
 class FastpathKernel:
     """PyTorch's fused encoder-layer kernel on nested tensors (the BetterTransformer path)."""
 
     name = "fastpath"
+    private_ops = PRIVATE_OPS
     keeps_padded_rows = False
     activations = ("gelu", "relu")
     dtypes = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
@@ -33,7 +26,10 @@ class FastpathKernel:
 
     def static_reason(self, *, activation: str, num_heads: int, norm1_eps: float, norm2_eps: float,
                       has_biases: bool, plain_residuals: bool = True, score_bias: bool = False) -> str | None:
-        """Why this kernel can never serve a layer of this structure, or None."""
+        """Why this kernel can never serve a layer of this structure (or on this torch), or None."""
+        missing = torch_ops.first_reason(*PRIVATE_OPS)
+        if missing:
+            return missing
         if score_bias:
             return "the layer adds a relative position bias to the attention scores (fastpath cannot)"
         if not plain_residuals:
@@ -62,7 +58,7 @@ class FastpathKernel:
         """`(carrier, state)`: a nested tensor of each (right-padded) row's real tokens."""
         if keep is None:
             return hidden, None
-        return torch._nested_tensor_from_mask(hidden, keep, mask_check=False), tuple(hidden.shape)
+        return torch_ops.lookup(torch_ops.NESTED_FROM_MASK)(hidden, keep, mask_check=False), tuple(hidden.shape)
 
     def unpack(self, carrier: torch.Tensor, state) -> torch.Tensor:
         """Restore the `(B, L, E)` layout; padded positions are zeros."""
@@ -70,7 +66,7 @@ class FastpathKernel:
 
     def layer(self, hidden: torch.Tensor, t: LayerTensors, state=None) -> torch.Tensor:
         """One encoder layer on nested (or unpadded dense) hidden states."""
-        return torch._transformer_encoder_layer_fwd(
+        return torch_ops.lookup(torch_ops.ENCODER_LAYER)(
             hidden, t.embed_dim, t.num_heads,
             t.in_proj_weight, t.in_proj_bias, t.out_proj_weight, t.out_proj_bias,
             t.activation == "gelu", t.norm_first, t.norm1_eps,

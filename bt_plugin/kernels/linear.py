@@ -18,7 +18,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from bt_plugin.kernels import device_table
+from bt_plugin.kernels import device_table, torch_ops
 
 
 LINEAR_LIBRARIES = ("torch", "onednn")
@@ -35,11 +35,10 @@ def cpu_vendor() -> str | None:
 
 
 def onednn_available() -> bool:
-    """Whether this torch build has oneDNN's linear op."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether this torch build has oneDNN's linear op (bt_plugin.kernels.torch_ops)."""
+    return torch_ops.available(torch_ops.LINEAR_POINTWISE)
 
 
-@functools.cache
 def linear_library() -> str:
     """The library this machine's float32 CPU linears use (bt_plugin.kernels.device_table.LINEAR_BY_CPU_VENDOR,
     where this torch build has it)."""
@@ -70,14 +69,22 @@ def library_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for the packed `[T, E]` tokens, through the library `library_for` picks."""
     if library_for(x, weight, bias) == "onednn":
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return torch_ops.lookup(torch_ops.LINEAR_POINTWISE)(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
-@functools.cache
+PREPACK_OPS = (torch_ops.LINEAR_POINTWISE, torch_ops.LINEAR_POINTWISE_ADD, torch_ops.REORDER_LINEAR_WEIGHT)
+
+
 def prepack_available() -> bool:
-    """Whether this torch build can hold a weight in oneDNN's prepacked layout and multiply by it."""
-    return onednn_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """Whether this torch build can hold a weight in oneDNN's prepacked layout and multiply by it
+    (bt_plugin.kernels.torch_ops; `prepack_reason` says why not)."""
+    return torch_ops.available(*PREPACK_OPS)
+
+
+def prepack_reason() -> str | None:
+    """Why prepacked weights are off on this torch, or None."""
+    return torch_ops.first_reason(*PREPACK_OPS)
 
 
 # The activations oneDNN computes as a post-op of the matrix multiply, as (attr, scalars, algorithm):
@@ -124,20 +131,21 @@ class PrepackedLinears(Linears):
     prepacked = True
 
     def __init__(self, qkv, out, up, down, activation: str, activation_fn):
-        packed = [(torch.ops.mkldnn._reorder_linear_weight(w.detach()), None if b is None else b.detach().to(w.dtype))
+        reorder = torch_ops.lookup(torch_ops.REORDER_LINEAR_WEIGHT)
+        packed = [(reorder(w.detach()), None if b is None else b.detach().to(w.dtype))
                   for w, b in (qkv, out, up, down)]
         super().__init__(*packed, activation, activation_fn)
         self.post_op = FUSED_ACTIVATIONS.get(activation)
 
     @staticmethod
     def _multiply(x: torch.Tensor, pair, post_op=("none", [], "")) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, pair[0], pair[1], *post_op)
+        return torch_ops.lookup(torch_ops.LINEAR_POINTWISE)(x, pair[0], pair[1], *post_op)
 
     @staticmethod
     def _plus(x: torch.Tensor, pair, residual: torch.Tensor, scale) -> torch.Tensor:
         if scale is not None:
             return _scaled_residual(PrepackedLinears._multiply(x, pair), residual, scale)
-        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, pair[0], pair[1], "add")
+        return torch_ops.lookup(torch_ops.LINEAR_POINTWISE_ADD)(x, residual, pair[0], pair[1], "add")
 
     def qkv(self, x):
         return self._multiply(x, self.pairs[0])

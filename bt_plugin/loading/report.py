@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from bt_plugin.loading.conversion import plan
-from bt_plugin.kernels import resolve_kernel_name
+from bt_plugin.kernels import resolve_kernel_name, torch_ops
 from bt_plugin.dispatch.derived import held_bytes
 from bt_plugin.dispatch.layer import FusedLayer, LayerStats
 
@@ -52,6 +52,8 @@ class Explanation:
     padded_positions: str | None = None
     precision: str | None = None  # the precision choice it was converted with ("fp32", "bf16", "auto")
     prepack: bool = False  # whether it was converted with the prepacked weight copy (opt-in)
+    # the private torch operators this torch cannot serve, with the kernel each turns off (torch_ops)
+    unavailable_ops: list[str] = field(default_factory=list)
 
     @property
     def fused_layers(self) -> int:
@@ -78,6 +80,7 @@ class Explanation:
         if self.held_bytes or self.prepack:
             why = "the prepacked copy (prepack=True)" if self.prepack else f"the {self.precision} copy"
             lines.append(f"  held beside the parameters: {self.held_bytes / 2**20:.1f} MiB of matrix weights ({why})")
+        lines += [f"  private torch operator unavailable: {why}" for why in self.unavailable_ops]
         if self.padded_positions:
             lines.append(f"  padded positions of the encoder output: {self.padded_positions}")
         for layer in self.layers:
@@ -115,7 +118,8 @@ def explain(model: nn.Module, kernel: str | None = None) -> Explanation:
     padded_positions = model.__dict__.get("_bt_plugin", {}).get("padded_positions")
     precision = model.__dict__.get("_bt_plugin", {}).get("precision")
     prepack = bool(model.__dict__.get("_bt_plugin", {}).get("prepack"))
-    return Explanation(type(model).__name__, family, result.reason, reports, padded_positions, precision, prepack)
+    return Explanation(type(model).__name__, family, result.reason, reports, padded_positions, precision, prepack,
+                       torch_ops.unavailable())
 
 
 def _report(path: str, layer: nn.Module, static_reason: str | None) -> LayerReport:

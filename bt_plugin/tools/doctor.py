@@ -69,11 +69,13 @@ def precisions() -> dict[str, Any]:
     """The CPU's native reduced precisions and what `precision="auto"` computes in, with why."""
     from bt_plugin.precision import auto_choice, auto_rule, native_precisions
 
+    from bt_plugin.kernels import torch_ops
     from bt_plugin.kernels.linear import prepack_available
 
     choice, why = auto_choice("cpu")
     return {"native": native_precisions(), "auto": choice, "why": why, "auto_per_call": auto_rule("cpu"),
             "prepack_available": prepack_available(),
+            "unavailable_ops": torch_ops.unavailable(),
             "held_beside_parameters": HELD_BESIDE_PARAMETERS}
 
 
@@ -152,6 +154,7 @@ def format_text(report: dict[str, Any]) -> str:
     lines.append(f"precision='auto' computes in: {precision['auto']} ({precision['why']})")
     lines.append(f"  per call: {precision['auto_per_call']}")
     lines.append(f"oneDNN weight prepacking in this torch: {'yes' if precision['prepack_available'] else 'no'}")
+    lines += [f"private torch operator unavailable: {why}" for why in precision["unavailable_ops"]]
     lines.append("held beside the parameters of a converted model (explain(model).held_bytes gives a model's bytes):")
     lines += [f"  {setting:<17} {what}" for setting, what in precision["held_beside_parameters"].items()]
     lines.append("registered families:")

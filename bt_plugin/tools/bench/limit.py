@@ -26,6 +26,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bt_plugin.kernels import torch_ops
+from bt_plugin.kernels.linear import prepack_available
+
 
 def encoder_linears(model: nn.Module, layer_paths: list[str]) -> Counter:
     """`{(in_features, out_features): count}` over every Linear inside the given encoder layers
@@ -57,9 +60,10 @@ def linear_routes(weights: dict[tuple[int, int], tuple[torch.Tensor, torch.Tenso
     torch has oneDNN's packed linear, oneDNN on the weights reordered once, here (outside the timed
     sweeps: an engine packs its weights once, when it loads the model)."""
     routes: dict[str, Route] = {"F.linear": lambda x, key: F.linear(x, *weights[key])}
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
-        packed = {key: (torch.ops.mkldnn._reorder_linear_weight(w), b) for key, (w, b) in weights.items()}
-        routes["oneDNN packed"] = lambda x, key: torch.ops.mkldnn._linear_pointwise(x, *packed[key], "none", [], "")
+    if prepack_available():
+        reorder, multiply = torch_ops.lookup(torch_ops.REORDER_LINEAR_WEIGHT), torch_ops.lookup(torch_ops.LINEAR_POINTWISE)
+        packed = {key: (reorder(w), b) for key, (w, b) in weights.items()}
+        routes["oneDNN packed"] = lambda x, key: multiply(x, *packed[key], "none", [], "")
     return routes
 
 
