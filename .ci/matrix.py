@@ -1,4 +1,4 @@
-"""The transformers version matrix CI runs, read from bt_plugin/compat.py without importing it.
+"""The transformers and torch version matrices CI runs, read from bt_plugin/compat.py without importing it.
 
 `python3 .ci/matrix.py versions`: the pinned releases of TESTED_TRANSFORMERS other than the newest
 (the README's test command installs the newest and runs the whole suite there).
@@ -6,6 +6,9 @@
 enabled, disable, zero code, lifecycle, training, the Trainer, save/load, fallback reasons, explain), parity
 for every registered family present in that version, and the property tests over every family (masks of
 every kind: 4.x hands layers other mask formats).
+`python3 .ci/matrix.py torch`: the rows of TESTED_TORCH other than the first (the README's torch, which
+the whole suite and the transformers matrix run on), one `TORCH PYTHON TRANSFORMERS` line each: CI runs
+the same test modules in a fresh venv of that Python with that torch and that transformers.
 """
 
 import ast
@@ -25,12 +28,26 @@ MATRIX_TESTS = [
 ]
 
 
-def tested_transformers() -> list[str]:
+def compat_value(name: str):
+    """The literal value of a module-level assignment in bt_plugin/compat.py."""
     source = (pathlib.Path(__file__).parent.parent / "bt_plugin" / "compat.py").read_text()
     for node in ast.parse(source).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "TESTED_TRANSFORMERS" for t in node.targets):
-            return list(ast.literal_eval(node.value))
-    raise SystemExit("TESTED_TRANSFORMERS not found in bt_plugin/compat.py")
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise SystemExit(f"{name} not found in bt_plugin/compat.py")
+
+
+def tested_transformers() -> list[str]:
+    return list(compat_value("TESTED_TRANSFORMERS"))
+
+
+def tested_torch() -> list[tuple[str, str, str]]:
+    """TESTED_TORCH's (torch, Python, transformers) rows; each row's transformers is a tested one."""
+    rows = [tuple(row) for row in compat_value("TESTED_TORCH")]
+    bad = [row for row in rows if len(row) != 3 or row[2] not in tested_transformers()]
+    if bad:
+        raise SystemExit(f"TESTED_TORCH rows must be (torch, python, transformers of TESTED_TRANSFORMERS): {bad}")
+    return rows
 
 
 if __name__ == "__main__":
@@ -41,5 +58,7 @@ if __name__ == "__main__":
         print(tested_transformers()[-1])
     elif what == "tests":
         print(" ".join(MATRIX_TESTS))
+    elif what == "torch":
+        print("\n".join(" ".join(row) for row in tested_torch()[1:]))
     else:
-        raise SystemExit(f"unknown {what!r}: versions, newest or tests")
+        raise SystemExit(f"unknown {what!r}: versions, newest, tests or torch")

@@ -106,14 +106,26 @@ def is_transformers_capture_hook(hook) -> bool:
     return getattr(hook, "__module__", None) == _CAPTURE_HOOK_MODULE
 
 
-# What CI tests (`.ci/run`): each of these transformers releases in a fresh environment, with
-# torch 2.13.0, the only torch these machines can install (other torch versions are untested).
-# The newest is the newest release at the time of this bt_plugin release.
+# What CI tests (`.ci/run`): each of these transformers releases in a fresh environment, on the first
+# torch of TESTED_TORCH. The newest is the newest release at the time of this bt_plugin release.
 TESTED_TRANSFORMERS = ("4.48.3", "4.51.3", "4.53.3", "4.55.4", "4.57.6", "5.0.0", "5.25.0")
-TESTED_TORCH = ("2.13.0",)
+# The torch releases CI tests, one (torch, Python, transformers) row each. The first is the torch the
+# README's commands install: the whole suite and every TESTED_TRANSFORMERS run on it. Each other row is
+# a fresh environment of that Python, that torch and that transformers running the version matrix's test
+# modules (`python3 .ci/matrix.py torch` lists the rows): the oldest torch on the oldest Python (there
+# transformers stops at 5.20: 5.21 and later need Python 3.11), the newest torch on the newest Python
+# these machines have.
+TESTED_TORCH = (
+    ("2.13.0", "3.11", "5.25.0"),
+    ("2.6.0", "3.10", "5.0.0"),
+    ("2.14.1", "3.11", "4.57.6"),
+    ("2.15.0", "3.13", "5.25.0"),
+)
 # Outside these ranges the plugin still loads (a layer whose structure no longer matches its
-# spec stays stock with a reason), but the user is told once that it is untested.
-SUPPORTED_VERSIONS = {"torch": "==2.13.*", "transformers": ">=4.48,<6"}
+# spec stays stock with a reason), but the user is told once that it is untested. torch 2.6 is the
+# oldest bt_plugin runs on (scaled_dot_product_attention's enable_gqa is 2.5's, transformers 5.20 and
+# later need 2.6); local build labels (`2.14.1+cu130`, `2.13.0+cpu`) count as their release.
+SUPPORTED_VERSIONS = {"torch": ">=2.6,<2.16", "transformers": ">=4.48,<6"}
 _warned: set[str] = set()
 
 

@@ -50,8 +50,9 @@ def test_every_page_with_python_examples_runs_them():
 
 
 def test_readme_states_exactly_the_versions_ci_tests():
-    """The versions section names every tested transformers release, the newest as such, the one
-    torch, and the declared ranges (CI's matrix reads the same tuple: .ci/matrix.py)."""
+    """The versions page names every tested transformers release, the newest as such, one row per tested
+    torch with its Python and transformers, and the declared ranges; CI's matrices read the same tuples
+    (.ci/matrix.py)."""
     import subprocess
     import sys
 
@@ -61,12 +62,44 @@ def test_readme_states_exactly_the_versions_ci_tests():
     *pinned, newest = compat.TESTED_TRANSFORMERS
     assert ", ".join(pinned) in section
     assert f"the newest release ({newest} when this was written)" in section
-    assert all(f"torch {version}" in section for version in compat.TESTED_TORCH)
+    assert f"**torch {compat.TESTED_TORCH[0][0]}**" in section  # the transformers matrix's torch
+    assert _torch_table(section) == {torch: (python, transformers) for torch, python, transformers in compat.TESTED_TORCH}
     for package, spec in compat.SUPPORTED_VERSIONS.items():
         assert f"{package}{spec}" in section
     ci = ROOT / ".ci" / "matrix.py"
     listed = subprocess.run([sys.executable, str(ci), "versions"], capture_output=True, text=True, check=True)
     assert listed.stdout.split() == pinned
+    rows = subprocess.run([sys.executable, str(ci), "torch"], capture_output=True, text=True, check=True)
+    assert [tuple(line.split()) for line in rows.stdout.splitlines()] == list(compat.TESTED_TORCH[1:])
+
+
+def _torch_table(page: str) -> dict[str, tuple[str, str]]:
+    """`{torch: (Python, transformers)}` from the page's table headed `| torch | Python | transformers |`;
+    a row naming a range of transformers (`4.48.3 … 5.25.0`) stands for its newest."""
+    lines = page.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| torch | Python | transformers |"))
+    table = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        torch, python, transformers = (cell.strip() for cell in line.strip("|").split("|")[:3])
+        table[torch.split()[0]] = (python, transformers.split()[-1])
+    return table
+
+
+def test_readme_lists_every_tested_torch_and_python():
+    """The README's tested-versions line names each torch and Python CI tests, the declared torch range
+    and the oldest and newest tested transformers; its commands install the torch the suite runs on."""
+    from bt_plugin import compat
+
+    readme = (ROOT / "README.md").read_text()
+    line = " ".join(readme.split("Tested versions:", 1)[1].split("\n\n", 1)[0].split())
+    for torch, python, _ in compat.TESTED_TORCH:
+        assert f"{torch}," in line or f"{torch} " in line, torch
+        assert f"{python}," in line or f"{python} " in line, python
+    assert f"`torch{compat.SUPPORTED_VERSIONS['torch']}`" in line
+    assert f"transformers {compat.TESTED_TRANSFORMERS[0]} to {compat.TESTED_TRANSFORMERS[-1]}" in line
+    assert f"pip install torch=={compat.TESTED_TORCH[0][0]} && pip install -e" in readme
 
 
 def test_api_reference_lists_every_export():

@@ -21,7 +21,8 @@ def test_an_unsupported_transformers_version_is_reported_once(monkeypatch, caplo
     import importlib.metadata as metadata
 
     real = metadata.version
-    monkeypatch.setattr(metadata, "version", lambda name: "4.40.0" if name == "transformers" else real(name))
+    found = {"transformers": "4.40.0", "torch": compat.TESTED_TORCH[0][0]}  # only transformers outside
+    monkeypatch.setattr(metadata, "version", lambda name: found.get(name) or real(name))
     monkeypatch.setattr(compat, "_warned", set())
     lines = compat.version_warnings()
     assert len(lines) == 1 and f"transformers{compat.SUPPORTED_VERSIONS['transformers']}" in lines[0]
@@ -30,6 +31,51 @@ def test_an_unsupported_transformers_version_is_reported_once(monkeypatch, caplo
         bt_plugin.enable()
         bt_plugin.enable()
     assert sum("found 4.40.0" in r.getMessage() for r in caplog.records) == 1
+
+
+def _torch_warnings(monkeypatch, installed: str) -> list[str]:
+    from importlib import metadata
+
+    real = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: installed if name == "torch" else real(name))
+    return [line for line in compat.version_warnings() if "with torch" in line]
+
+
+@pytest.mark.parametrize("torch_version", [row[0] for row in compat.TESTED_TORCH])
+@pytest.mark.parametrize("label", ["", "+cpu", "+cu130"])
+def test_every_tested_torch_is_inside_the_declared_range_whatever_its_build(monkeypatch, torch_version, label):
+    """PyPI's CUDA wheels call themselves `2.14.1+cu130`, the CPU wheel `2.13.0+cpu`: the same release."""
+    assert _torch_warnings(monkeypatch, torch_version + label) == []
+
+
+@pytest.mark.parametrize("outside", ["2.5.1", "2.5.1+cpu", "2.16.0", "2.16.0+cu130", "3.0.0"])
+def test_a_torch_outside_the_declared_range_is_reported(monkeypatch, outside):
+    lines = _torch_warnings(monkeypatch, outside)
+    assert len(lines) == 1 and f"torch{compat.SUPPORTED_VERSIONS['torch']}" in lines[0] and f"found {outside}" in lines[0]
+
+
+def test_the_declared_torch_range_is_the_tested_one():
+    """SUPPORTED_VERSIONS' torch range runs from the oldest tested torch's minor release to just past the
+    newest's; pyproject.toml requires that oldest torch and the oldest tested Python (a floor CI does not
+    test would be a guess) and lists each tested Python among its classifiers."""
+    from packaging.version import Version
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10 (pytest brings tomli there)
+        import tomli as tomllib
+
+    from support import ROOT
+
+    tested = sorted(Version(row[0]) for row in compat.TESTED_TORCH)
+    oldest, newest = tested[0], tested[-1]
+    assert compat.SUPPORTED_VERSIONS["torch"] == f">={oldest.major}.{oldest.minor},<{newest.major}.{newest.minor + 1}"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert f"torch>={oldest.major}.{oldest.minor}" in project["dependencies"]
+    pythons = sorted({row[1] for row in compat.TESTED_TORCH}, key=Version)
+    assert project["requires-python"] == f">={pythons[0]}"
+    classifiers = {c.rsplit(" :: ", 1)[1] for c in project["classifiers"] if c.startswith("Programming Language :: Python :: 3.")}
+    assert set(pythons) <= classifiers
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ PACKAGES = ("torch", "transformers", "wrapt", "bt-plugin")
 
 
 def versions() -> dict[str, str | None]:
-    """Python and the installed versions of bt_plugin's dependencies (None when missing)."""
+    """Python and the installed versions of bt_plugin's dependencies (None when missing); torch's
+    as the build names itself (`torch.__version__`)."""
     import importlib_metadata
 
     found: dict[str, str | None] = {"python": sys.version.split()[0]}
@@ -24,7 +25,20 @@ def versions() -> dict[str, str | None]:
             found[name] = importlib_metadata.version(name)
         except importlib_metadata.PackageNotFoundError:
             found[name] = None
+    if found["torch"] is not None:
+        found["torch"] = torch_build_version(found["torch"])
     return found
+
+
+def torch_build_version(installed: str) -> str:
+    """`torch.__version__`, with the build's label (`2.14.1+cu130`, `2.13.0+cpu`): PyPI's CUDA wheels
+    record `2.14.1` in their metadata, so which build is installed shows only here. The metadata's
+    version where torch does not import."""
+    try:
+        import torch
+    except Exception:  # noqa: BLE001 - a broken torch install: doctor still reports what it can
+        return installed
+    return str(torch.__version__)
 
 
 def site_dirs() -> list[str]:
