@@ -124,7 +124,11 @@ SHAPES: dict[str, Shape] = {
                         config_class="MPNetConfig", model_class="MPNetModel",
                         candidates=("stock", "packed"), attn_implementation="eager"),  # MPNet has no sdpa
     # Their layers' own attention code on bins of whole sequences (binned).
-    "deberta-v3-base": Shape("deberta-v3-base", dict(relative_attention=True, position_buckets=256,
+    # microsoft/deberta-v3-base's config (12 layers of hidden 768; DebertaV2Config's defaults are the
+    # 24-layer, hidden-1536 xlarge shape, which this row measured before 2026-12-06)
+    "deberta-v3-base": Shape("deberta-v3-base", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                                     intermediate_size=3072, layer_norm_eps=1e-7,
+                                                     relative_attention=True, position_buckets=256,
                                                      max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
                                                      norm_rel_ebd="layer_norm", share_att_key=True,
                                                      max_position_embeddings=512, vocab_size=128100),
