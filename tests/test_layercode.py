@@ -132,3 +132,38 @@ def test_layer_code_can_be_chosen_for_a_plain_layer(bert_dir):
     assert (want - got).abs().max().item() <= ATOL
     assert all(layer.kernel == "layercode" and layer.note is None for layer in bt_plugin.explain(converted).layers)
     assert copy.deepcopy(converted) is not None
+
+
+
+def test_a_call_with_nothing_padded_checks_its_mask_once_per_stack(bert_dir, monkeypatch):
+    """The encoder handed a mask that masks nothing (an additive (B, 1, L, L) mask of zeros, as
+    transformers 4.x builds for rows of one length): every adapter layer runs its own code on the
+    batch, equal to stock; the first layer checks the mask, the later ones reuse its answer (the
+    stack's frame). A mask that masks something is checked and packed."""
+    from bt_plugin.kernels.layercode import LAYER_CODE
+
+    stock = with_adapters(load(bert_dir, False), names=("first",))
+    converted = with_adapters(load(bert_dir, True), names=("first",))
+    checks = []
+    keep_mask = LAYER_CODE.keep_mask
+    monkeypatch.setattr(type(LAYER_CODE), "keep_mask", staticmethod(lambda *a: checks.append(1) or keep_mask(*a)))
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 9, stock.get_base_model().config.hidden_size)
+    unpadded = torch.zeros(3, 1, 9, 9)
+    padded = unpadded.clone()
+    padded[1, :, :, 4:] = torch.finfo(torch.float32).min  # row 1: five padded keys
+    for mask, expected_checks in ((unpadded, 1), (padded, None)):
+        checks.clear()
+        with torch.inference_mode():
+            want = stock.base_model.model.bert.encoder(hidden, attention_mask=mask).last_hidden_state
+            got = converted.base_model.model.bert.encoder(hidden, attention_mask=mask).last_hidden_state
+        real = torch.ones(3, 9, dtype=torch.long)
+        if expected_checks is None:
+            real[1, 4:] = 0
+        assert support.max_diff_on_real(want, got, real) <= ATOL
+        if expected_checks is not None:
+            assert len(checks) == expected_checks
+    layers = bt_plugin.explain(converted.get_base_model()).layers
+    assert len(layers) > 1  # more than one layer: the reuse is exercised
+    assert_ran_layer_code(converted.get_base_model(), "peft.tuners.lora")
+    assert all(layer.fused_calls == 2 for layer in layers)

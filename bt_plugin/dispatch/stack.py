@@ -27,6 +27,7 @@ class Frame:
     state: object = None
     kernel: object = None
     reduced: object = None  # the autocast dtype the later layers' own code runs under (None: as loaded)
+    unpadded: tuple | None = None  # (mask, (batch, length)) a layer found nothing padded under, for the later layers
     token: object = None  # the ContextVar token of a hook-opened frame
 
 
