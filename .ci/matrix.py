@@ -1,7 +1,9 @@
 """The transformers and torch version matrices CI runs, read from bt_plugin/compat.py without importing it.
 
-`python3 .ci/matrix.py versions`: the pinned releases of TESTED_TRANSFORMERS other than the newest
-(the README's test command installs the newest and runs the whole suite there).
+`python3 .ci/matrix.py versions`: the pinned releases of TESTED_TRANSFORMERS that CI tests on the first
+torch of TESTED_TORCH: all but the newest (the README's test command installs the newest and runs the
+whole suite there) and those a torch row tests with its own torch (`python3 .ci/matrix.py elsewhere`
+says which), so that each release runs the matrix tests once.
 `python3 .ci/matrix.py tests`: the test modules run on each of them: the core behaviour (enable,
 enabled, disable, zero code, lifecycle, training, the Trainer, save/load, fallback reasons, explain), parity
 for every registered family present in that version, and the property tests over every family (masks of
@@ -50,10 +52,19 @@ def tested_torch() -> list[tuple[str, str, str]]:
     return rows
 
 
+def on_first_torch() -> list[str]:
+    """The pinned releases the transformers matrix runs on the first torch (see `versions`)."""
+    elsewhere = {row[2] for row in tested_torch()[1:]}
+    return [version for version in tested_transformers()[:-1] if version not in elsewhere]
+
+
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "versions"
     if what == "versions":
-        print(" ".join(tested_transformers()[:-1]))
+        print(" ".join(on_first_torch()))
+    elif what == "elsewhere":
+        print("; ".join(f"transformers {row[2]} runs them on torch {row[0]}" for row in tested_torch()[1:]
+                        if row[2] in tested_transformers()[:-1]))
     elif what == "newest":
         print(tested_transformers()[-1])
     elif what == "tests":
@@ -61,4 +72,4 @@ if __name__ == "__main__":
     elif what == "torch":
         print("\n".join(" ".join(row) for row in tested_torch()[1:]))
     else:
-        raise SystemExit(f"unknown {what!r}: versions, newest, tests or torch")
+        raise SystemExit(f"unknown {what!r}: versions, elsewhere, newest, tests or torch")

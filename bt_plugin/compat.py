@@ -107,7 +107,8 @@ def is_transformers_capture_hook(hook) -> bool:
 
 
 # What CI tests (`.ci/run`): each of these transformers releases in a fresh environment, on the first
-# torch of TESTED_TORCH. The newest is the newest release at the time of this bt_plugin release.
+# torch of TESTED_TORCH, or on the torch of the TESTED_TORCH row that names it (`python3 .ci/matrix.py
+# versions` / `elsewhere`). The newest is the newest release at the time of this bt_plugin release.
 TESTED_TRANSFORMERS = ("4.48.3", "4.51.3", "4.53.3", "4.55.4", "4.57.6", "5.0.0", "5.25.0")
 # The torch releases CI tests, one (torch, Python, transformers) row each. The first is the torch the
 # README's commands install: the whole suite and every TESTED_TRANSFORMERS run on it. Each other row is
