@@ -52,10 +52,15 @@ def tested_torch() -> list[tuple[str, str, str]]:
     return rows
 
 
+def on_other_torch() -> dict[str, str]:
+    """`{transformers: torch}`: the pinned releases a torch row other than the first runs."""
+    pinned = tested_transformers()[:-1]
+    return {row[2]: row[0] for row in tested_torch()[1:] if row[2] in pinned}
+
+
 def on_first_torch() -> list[str]:
     """The pinned releases the transformers matrix runs on the first torch (see `versions`)."""
-    elsewhere = {row[2] for row in tested_torch()[1:]}
-    return [version for version in tested_transformers()[:-1] if version not in elsewhere]
+    return [version for version in tested_transformers()[:-1] if version not in on_other_torch()]
 
 
 if __name__ == "__main__":
@@ -63,8 +68,7 @@ if __name__ == "__main__":
     if what == "versions":
         print(" ".join(on_first_torch()))
     elif what == "elsewhere":
-        print("; ".join(f"transformers {row[2]} runs them on torch {row[0]}" for row in tested_torch()[1:]
-                        if row[2] in tested_transformers()[:-1]))
+        print("; ".join(f"transformers {version} runs them on torch {torch}" for version, torch in on_other_torch().items()))
     elif what == "newest":
         print(tested_transformers()[-1])
     elif what == "tests":

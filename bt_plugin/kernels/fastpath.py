@@ -8,17 +8,14 @@ import torch
 from bt_plugin.kernels import torch_ops
 from bt_plugin.kernels.tensors import LayerTensors, dtype_reason
 
-# The private operators this kernel calls (bt_plugin.kernels.torch_ops looks them up and tries them
-# once; their probe also takes, silenced, torch's once-per-process warning that strided nested
-# tensors are a prototype, which would otherwise land in the user's first forward).
-PRIVATE_OPS = (torch_ops.ENCODER_LAYER, torch_ops.NESTED_FROM_MASK)
-
-
 class FastpathKernel:
     """PyTorch's fused encoder-layer kernel on nested tensors (the BetterTransformer path)."""
 
     name = "fastpath"
-    private_ops = PRIVATE_OPS
+    # the private operators it calls (bt_plugin.kernels.torch_ops looks them up and tries them once;
+    # their probe also takes, silenced, torch's once-per-process warning that strided nested tensors
+    # are a prototype, which would otherwise land in the user's first forward)
+    private_ops = (torch_ops.ENCODER_LAYER, torch_ops.NESTED_FROM_MASK)
     keeps_padded_rows = False
     activations = ("gelu", "relu")
     dtypes = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.float16, torch.bfloat16)}
@@ -27,7 +24,7 @@ class FastpathKernel:
     def static_reason(self, *, activation: str, num_heads: int, norm1_eps: float, norm2_eps: float,
                       has_biases: bool, plain_residuals: bool = True, score_bias: bool = False) -> str | None:
         """Why this kernel can never serve a layer of this structure (or on this torch), or None."""
-        missing = torch_ops.first_reason(*PRIVATE_OPS)
+        missing = torch_ops.first_reason(*self.private_ops)
         if missing:
             return missing
         if score_bias:

@@ -78,13 +78,8 @@ PREPACK_OPS = (torch_ops.LINEAR_POINTWISE, torch_ops.LINEAR_POINTWISE_ADD, torch
 
 def prepack_available() -> bool:
     """Whether this torch build can hold a weight in oneDNN's prepacked layout and multiply by it
-    (bt_plugin.kernels.torch_ops; `prepack_reason` says why not)."""
+    (bt_plugin.kernels.torch_ops says why not)."""
     return torch_ops.available(*PREPACK_OPS)
-
-
-def prepack_reason() -> str | None:
-    """Why prepacked weights are off on this torch, or None."""
-    return torch_ops.first_reason(*PREPACK_OPS)
 
 
 # The activations oneDNN computes as a post-op of the matrix multiply, as (attr, scalars, algorithm):
