@@ -195,3 +195,23 @@ def readme_python_blocks(ray: bool = False) -> list[tuple[Path, str]]:
     """`(page, block)` for the ```python blocks of EXECUTED_IN_ORDER, in order: those that use Ray
     (`ray=True`) or all the others. The Ray blocks run in tests/test_ray_data.py, which starts Ray once."""
     return [(page, block) for page in EXECUTED_IN_ORDER for block in python_blocks(page) if uses_ray(block) == ray]
+
+
+# A worker process's own record, as a `sitecustomize` on its PYTHONPATH: when the process exits, every
+# converted model's per-layer (converted, fused calls, fallback calls), read from explain(), is written
+# to $BT_PLUGIN_TEST_RECORD (the Infinity server's and the RAG stacks' tests).
+WORKER_RECORDER = """
+import atexit, gc, json, os, warnings
+
+def _record():
+    import torch
+    from bt_plugin.loading.report import explain
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        models = [m for m in gc.get_objects() if isinstance(m, torch.nn.Module) and "_bt_plugin" in m.__dict__]
+    records = [[(l.converted, l.fused_calls, l.fallback_calls) for l in explain(m).layers] for m in models]
+    with open(os.environ["BT_PLUGIN_TEST_RECORD"], "w") as out:
+        json.dump({"pid": os.getpid(), "models": records}, out)
+
+atexit.register(_record)
+"""

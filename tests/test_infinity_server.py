@@ -41,22 +41,6 @@ START_S, STOP_S = 240, 60
 REQUESTS, CONCURRENT = 48, 16
 MIN_COSINE, ATOL = 0.99999, 1e-5
 
-RECORDER = """
-import atexit, gc, json, os, warnings
-
-def _record():
-    import torch
-    from bt_plugin.loading.report import explain
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        models = [m for m in gc.get_objects() if isinstance(m, torch.nn.Module) and "_bt_plugin" in m.__dict__]
-    records = [[(l.converted, l.fused_calls, l.fallback_calls) for l in explain(m).layers] for m in models]
-    with open(os.environ["BT_PLUGIN_TEST_RECORD"], "w") as out:
-        json.dump({"pid": os.getpid(), "models": records}, out)
-
-atexit.register(_record)
-"""
-
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -76,7 +60,7 @@ class Server:
 
     def __init__(self, folder: Path, reranker: str, plugin: bool):
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "sitecustomize.py").write_text(textwrap.dedent(RECORDER))
+        (folder / "sitecustomize.py").write_text(textwrap.dedent(support.WORKER_RECORDER))
         self.record_path = folder / "record.json"
         self.port = _free_port()
         env = dict(os.environ, HF_HUB_OFFLINE="1", BT_PLUGIN_TEST_RECORD=str(self.record_path),

@@ -42,21 +42,6 @@ COUNTS = {"queries": 4, "documents": 24}
 WORKER_S = 300
 ATOL, MIN_COSINE = 1e-5, 0.99999
 
-RECORDER = """
-import atexit, gc, json, os, warnings
-
-def _record():
-    import torch
-    from bt_plugin.loading.report import explain
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        models = [m for m in gc.get_objects() if isinstance(m, torch.nn.Module) and "_bt_plugin" in m.__dict__]
-    records = [[(l.converted, l.fused_calls, l.fallback_calls) for l in explain(m).layers] for m in models]
-    with open(os.environ["BT_PLUGIN_TEST_RECORD"], "w") as out:
-        json.dump({"pid": os.getpid(), "models": records}, out)
-
-atexit.register(_record)
-"""
 
 # What a user of each stack writes: build the embedder on the model, embed queries one at a time and
 # the documents as one call (the stack batches them); nothing of bt_plugin.
@@ -101,7 +86,7 @@ with open(output, "w") as file:
 def _run(stack: str, folder: Path, plugin: bool) -> tuple[dict[str, torch.Tensor], dict]:
     """One worker process: its query and document embeddings and its record."""
     folder.mkdir(parents=True)
-    (folder / "sitecustomize.py").write_text(textwrap.dedent(RECORDER))
+    (folder / "sitecustomize.py").write_text(textwrap.dedent(support.WORKER_RECORDER))
     (folder / "worker.py").write_text(WORKER)
     pairs = support.paragraph_pairs(COUNTS["documents"])  # (a paragraph's first sentence, another paragraph)
     (folder / "texts.json").write_text(json.dumps({"model": MODEL, "queries": [q for q, _ in pairs[:COUNTS["queries"]]],
