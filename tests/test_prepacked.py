@@ -106,6 +106,42 @@ def test_the_copy_follows_the_parameters_and_goes_with_revert_and_pickling(tmp_p
     assert not any(key.startswith("_bt_") for module in converted.modules() for key in module.__dict__)
 
 
+@pytest.mark.parametrize("options", [{"prepack": True}, {"precision": "bf16"}], ids=["prepack", "bf16"])
+@pytest.mark.parametrize("role", ["query", "value"])
+def test_the_copy_follows_an_in_place_change_of_one_projection(options, role):
+    """q, k and v live in one fused weight; an in-place change of one of them alone (a hand edit,
+    a weight-tying or pruning tool) must reach the derived copy too, not only the fused view."""
+    stock, converted = stock_and_converted(BertModel, _bert(), kernel="packed")
+    bt_plugin.convert(converted, kernel="packed", **options)
+    batch = _batch([7, 3])
+    with torch.inference_mode():
+        converted(**batch)  # the copy is made
+    assert bt_plugin.explain(converted).held_bytes > 0
+    for model in (stock, converted):
+        with torch.no_grad():
+            getattr(model.encoder.layer[1].attention.self, role).weight.mul_(-2.0)
+    with torch.inference_mode():
+        want, got = stock(**batch).last_hidden_state, converted(**batch).last_hidden_state
+    tolerance = ATOL if "prepack" in options else 0.05
+    assert max_diff_on_real(want, got, batch["attention_mask"]) <= tolerance
+
+
+def test_converting_again_without_prepack_drops_the_copy():
+    stock, converted = stock_and_converted(BertModel, _bert(), kernel="packed", prepack=True)
+    batch = _batch([7, 3])
+    with torch.inference_mode():
+        converted(**batch)
+    assert bt_plugin.explain(converted).held_bytes > 0
+    bt_plugin.convert(converted, kernel="packed", prepack=False)
+    assert bt_plugin.explain(converted).held_bytes == 0
+    with torch.inference_mode():
+        got = converted(**batch).last_hidden_state
+        want = stock(**batch).last_hidden_state
+    assert max_diff_on_real(want, got, batch["attention_mask"]) <= ATOL
+    assert bt_plugin.explain(converted).held_bytes == 0
+    assert all("prepacked" not in (layer.precision or "") for layer in bt_plugin.explain(converted).layers)
+
+
 def test_albert_shared_layer_prepacked_equals_stock():
     config = AlbertConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=256, num_hidden_layers=3,
                           num_attention_heads=4, intermediate_size=1024)

@@ -141,15 +141,23 @@ def wants_copy(layer, tensors: LayerTensors, dtype: torch.dtype) -> bool:
 def kernel_tensors(layer, tensors: LayerTensors, dtype: torch.dtype) -> LayerTensors:
     """`tensors` with the matrix multiplies on the derived copy a call computing in `dtype` uses (see
     `wants_copy`; else as they are). The copy is kept between calls and made again when a source
-    parameter changes (storage, version, dtype, device); its layer scales follow the dtype too."""
+    parameter changes (storage, version, dtype, device); its layer scales follow the dtype too.
+
+    A call with the very `tensors` object the copy was made from (a layer's plan, which its structure
+    stamp keeps valid only while every parameter keeps its storage and dtype) checks the parameters'
+    versions only: the check runs once per layer per call, where a short call's time is counted."""
+    cached = layer.__dict__.get(_COPIES)
+    if cached is not None and cached[3] is tensors and cached[4] is dtype \
+            and cached[5] == tuple([t._version for t in tensors.sources]):
+        return cached[1]
     if not wants_copy(layer, tensors, dtype):
         return tensors
-    sources = [getattr(tensors, name) for pair in _MATMULS for name in pair]
+    sources = [getattr(tensors, name) for pair in _MATMULS for name in pair] + list(tensors.sources)
     key = (dtype,) + tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
-    cached = layer.__dict__.get(_COPIES)
     if cached is None or cached[0] != key:
         with _lock, torch.inference_mode(False), torch.no_grad():
-            cached = layer.__dict__[_COPIES] = (key, *_copy(tensors, dtype))
+            cached = (key, *_copy(tensors, dtype))
+    layer.__dict__[_COPIES] = (*cached[:3], tensors, dtype, tuple([t._version for t in tensors.sources]))
     return cached[1]
 
 

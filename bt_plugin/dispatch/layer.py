@@ -74,10 +74,11 @@ class FusedLayer:
         if frame is not None and frame.carrier is not None and hidden_states is frame.carrier:
             # a later layer of a packed stack: the precision was chosen where the stack was packed
             reduced = frame.reduced
+            if reduced is None:  # a fused kernel's carrier, or layer code as loaded: no autocast to enter
+                return _continue_packed(self, frame, args, kwargs)
             with computing_in(reduced, hidden_states.device.type):
-                _stats(self).last_precision = precision_label(hidden_states)  # a fused kernel says more
                 out = _continue_packed(self, frame, args, kwargs)
-            return out if reduced is None else _in_dtype(self, out, hidden_states.dtype)
+            return _in_dtype(self, out, hidden_states.dtype)
         refused = self.__dict__.get("_bt_precision_reason")
         dtype = None if refused else compute_dtype(self.__dict__.get("_bt_precision"), hidden_states, self,
                                                    lambda: _computes_own_code(self))
@@ -191,7 +192,9 @@ def layer_tensors(layer) -> LayerTensors:
         float(r["attention_scale"]) if r["attention_scale"] is not None else None,
     )
     one_call = kernel_reason(layer, layer._bt_spec, FASTPATH, r) is None
-    return dataclasses.replace(tensors, linears=plain_linears(tensors), one_call=one_call)
+    sources = tuple(t for role in ("query", "key", "value", "out_proj", "linear1", "linear2")
+                    for t in (r[role].weight, r[role].bias) if t is not None)
+    return dataclasses.replace(tensors, linears=plain_linears(tensors), one_call=one_call, sources=sources)
 
 
 def _stats(layer) -> LayerStats:
@@ -342,6 +345,7 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict, reduced: torch.dtype | N
         # a fused kernel's carrier is already in the reduced dtype; the layer code of the later
         # layers runs under the same autocast as this one
         frame.carrier, frame.state, frame.kernel, frame.reduced = out, state, kernel, reduced if own_code else None
+        frame.last = live_layers(layer)[-1]
         return _returned(layer, out, packed=True, tail=tail)  # the next layer continues
     return _returned(layer, kernel.unpack(out, state), tail=tail)
 
@@ -413,7 +417,15 @@ def _fused_layer(kernel, layer, carrier: torch.Tensor, tensors: LayerTensors, st
 
 
 def _continue_packed(layer, frame, args: tuple, kwargs: dict):
-    """A later layer of a stack whose first layer packed the call (after checking every layer)."""
+    """A later layer of a stack whose first layer packed the call (after checking every layer).
+
+    It runs on every later layer of every call, where a short call's time is counted: each Python
+    step here costs several times its isolated time once the layer's weights have streamed through
+    the caches, so it reads what the first layer's checks left on the frame instead of asking again."""
+    own_code = _runs_own_code(frame.kernel)
+    stats = _stats(layer)
+    if own_code:
+        stats.last_precision = precision_label(frame.carrier)  # a fused kernel says more
     named = bind(layer._bt_stock_class, args, kwargs)
     bias = _score_bias(layer, named)
     if bias is not None and bias is not frame.state.score_bias:  # MPNet hands every layer the same one
@@ -424,10 +436,8 @@ def _continue_packed(layer, frame, args: tuple, kwargs: dict):
         frame.carrier = None
         return _stock(layer, reason, padded, args, kwargs)
     # the note is why no fused kernel serves the layer (what path_for reported for it in _stays_packed)
-    note = layer_code_serves(layer, layer._bt_spec) if _runs_own_code(frame.kernel) else None
-    _stats(layer).fused(frame.kernel.name, note)
-    layers = live_layers(layer)
-    if layers is None or layers[-1] is layer:
+    stats.fused(frame.kernel.name, layer_code_serves(layer, layer._bt_spec) if own_code else None)
+    if frame.last is layer or frame.last is None:
         frame.carrier = None
         return _returned(layer, frame.kernel.unpack(out, frame.state), tail=tail)
     frame.carrier = out

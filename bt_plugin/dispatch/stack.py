@@ -29,6 +29,7 @@ class Frame:
     reduced: object = None  # the autocast dtype the later layers' own code runs under (None: as loaded)
     unpadded: tuple | None = None  # (mask, (batch, length)) a layer found nothing padded under, for the later layers
     token: object = None  # the ContextVar token of a hook-opened frame
+    last: object = None  # the stack's last layer while a carrier is handed on (it unpacks)
 
 
 _running: ContextVar[Frame | None] = ContextVar("bt_plugin_running_stack", default=None)

@@ -40,6 +40,10 @@ class LayerTensors:
     # whether torch's fused encoder-layer kernel computes this layer exactly (fastpath's static rule):
     # the packed kernel hands it the sequences of a call where none is padded (see PackedKernel.layer)
     one_call: bool = False
+    # the parameters the matrix weights above are read from (q/k/v's own, not only the fused view of
+    # them): an in-place change of any of them (`load_state_dict`, `p.mul_()`) bumps its version,
+    # which tells bt_plugin.dispatch.derived that a derived copy is stale
+    sources: tuple = ()
 
 
 def dtype_reason(name: str, dtypes: dict, hidden: torch.Tensor) -> str | None:

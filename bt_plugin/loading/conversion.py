@@ -17,6 +17,7 @@ from bt_plugin.compat import warn_unsupported_versions_once
 from bt_plugin.dispatch.eligibility import kernel_reason, layer_code_serves, structure_reason
 from bt_plugin.dispatch.heads import PaddedReads, padded_reads
 from bt_plugin.dispatch.derived import fused_qkv, unfuse_qkv
+from bt_plugin.dispatch import derived
 from bt_plugin.dispatch.layer import FusedLayer, LayerStats, fused_class_for
 from bt_plugin.precision import check_precision_name, check_prepack
 from bt_plugin.spec import EncoderSpec, resolve_path
@@ -141,7 +142,10 @@ def convert(model: nn.Module, *, kernel: str = "auto", precision: str = "fp32", 
         _swap(planned.layer, planned.spec, kernel, reads)
     for planned in result.layers:
         if isinstance(planned.layer, FusedLayer):
-            planned.layer.__dict__.update(_bt_precision=precision, _bt_prepack=prepack)
+            state = planned.layer.__dict__
+            if (state.get("_bt_precision"), state.get("_bt_prepack")) != (precision, prepack):
+                derived.drop(state)  # a copy made for the old choice is not held for the new one
+            state.update(_bt_precision=precision, _bt_prepack=prepack)
     for list_path in dict.fromkeys(p.list_path for p in todo):
         owner_path, _, attribute = list_path.rpartition(".")
         owner = resolve_path(model, owner_path) if owner_path else model
