@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bt_plugin.dispatch import structure_epoch
 from bt_plugin.dispatch.activations import activation_name
 from bt_plugin.compat import (
     CACHE_ARGUMENTS, attention_lookup, capture_wrapped, is_transformers_capture_hook, recorded_outputs, version_in,
@@ -63,6 +64,20 @@ def structure_reason(layer: nn.Module, spec: EncoderSpec, roles: dict | None = N
         if tuple(roles[role].weight.shape) != (embed, embed):
             return f"{getattr(spec, role)} had weight shape {tuple(roles[role].weight.shape)}, expected ({embed}, {embed})"
     return None
+
+
+def layer_code_serves_now(layer: nn.Module, spec: EncoderSpec) -> str | None:
+    """`layer_code_serves`, remembered on the layer until a submodule is assigned anywhere in the
+    process (bt_plugin.dispatch.structure_epoch): the answer depends only on which modules the
+    layer holds. An unpadded call of a layer it serves runs the layer's stock code, so even a
+    stale answer computes exactly what stock computes."""
+    cached = layer.__dict__.get("_bt_serves")
+    epoch = structure_epoch.current()
+    if cached is not None and cached[0] == epoch:
+        return cached[1]
+    served = layer_code_serves(layer, spec)
+    layer.__dict__["_bt_serves"] = (epoch, served)
+    return served
 
 
 def layer_code_serves(layer: nn.Module, spec: EncoderSpec) -> str | None:

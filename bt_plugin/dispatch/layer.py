@@ -25,7 +25,7 @@ from bt_plugin.dispatch.derived import current_qkv, fused_qkv, unfuse_qkv  # noq
 from bt_plugin.compat import capture_wrapped, recorded_outputs
 from bt_plugin.compat import CACHE_ARGUMENTS
 from bt_plugin.dispatch.eligibility import (cache_reason, call_reason, fused_reason, kernel_reason, layer_code_reason,
-                                            layer_code_serves, mode_reason, structure_stamp)
+                                            layer_code_serves, layer_code_serves_now, mode_reason, structure_stamp)
 from bt_plugin.dispatch.heads import PaddedReads, padded_reads
 from bt_plugin.kernels.binned import BINNED, run_binned
 from bt_plugin.dispatch.calls import bind, mask_name, returned_items
@@ -80,6 +80,16 @@ class FusedLayer:
                 out = _continue_packed(self, frame, args, kwargs)
             return _in_dtype(self, out, hidden_states.dtype)
         refused = self.__dict__.get("_bt_precision_reason")
+        if self.__dict__.get("_bt_precision") in _AS_LOADED and not self.training:
+            # the shortest way to what _dispatch does for a layer whose own code serves an unpadded
+            # call as loaded (each step costs several times its isolated time in a short call)
+            served = layer_code_serves_now(self, self._bt_spec)
+            if served:
+                mask = bind(self._bt_stock_class, args, kwargs).get(mask_name(self))
+                if mask is None or _nothing_padded(self, hidden_states, mask):
+                    label = precision_label(hidden_states)
+                    return _own_code_as_called(self, served, hidden_states, args, kwargs,
+                                               f"{label} ({refused})" if refused and label else label)
         dtype = None if refused else compute_dtype(self.__dict__.get("_bt_precision"), hidden_states, self,
                                                    lambda: _computes_own_code(self))
         if dtype is not None:
@@ -109,6 +119,7 @@ class FusedLayer:
         state = dict(self.__dict__)
         derived.drop(state)  # copies of the weights (reduced precision, prepacked), made again on first use
         state.pop("_bt_plan", None)  # the static verdict, found again on first use
+        state.pop("_bt_serves", None)  # counted in this process only
         return (_rebuild, (self._bt_stock_class, self._bt_spec.name, self._bt_spec.layout), state)
 
 
@@ -310,12 +321,9 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict, reduced: torch.dtype | N
     frame = running_frame(layer)
     named = bind(layer._bt_stock_class, args, kwargs)
     mask = named.get(mask_name(layer))
-    served = layer_code_serves(layer, layer._bt_spec) if not layer.training else None
+    served = layer_code_serves_now(layer, layer._bt_spec) if not layer.training else None
     if served and (mask is None or _nothing_padded(layer, hidden, mask)):
-        # no padding and no fused kernel for this layer: its stock code is the padding-free path
-        # (skipping the per-call checks keeps unpadded batches as fast as stock)
-        _stats(layer).fused(_own_code_kernel(layer._bt_spec).name, served)
-        return layer._bt_stock_class.forward(layer, hidden, *args, **kwargs)
+        return _own_code_as_called(layer, served, hidden, args, kwargs)
     batch_first = hidden
     if layer._bt_spec.sequence_first and isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
         batch_first = hidden.transpose(0, 1).contiguous()  # legacy (T, B, C) layers (FSMT)
@@ -350,13 +358,27 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict, reduced: torch.dtype | N
     return _returned(layer, kernel.unpack(out, state), tail=tail)
 
 
+def _own_code_as_called(layer, served: str, hidden, args: tuple, kwargs: dict, label: str | None = None):
+    """No padding and no fused kernel for this layer: its stock code on the batch is the
+    padding-free path (skipping the per-call checks keeps unpadded batches as fast as stock)."""
+    stats = _stats(layer)
+    if label is not None:
+        stats.last_precision = label
+    stats.fused(_own_code_kernel(layer._bt_spec).name, served)
+    return layer._bt_stock_class.forward(layer, hidden, *args, **kwargs)
+
+
+# the precision choices under which a layer computes as loaded, whatever the call
+_AS_LOADED = (None, "fp32")
+
+
 def _computes_own_code(layer) -> bool:
     """Whether the layer's latest path runs its own code (layer code, bins) rather than a fused
     kernel (before its first call: whether its spec or a replaced module sends it there)."""
     plan = layer.__dict__.get("_bt_plan")
     if plan is not None and plan.path[0] is not None:
         return _runs_own_code(plan.path[0])
-    return not layer._bt_spec.has_fused_layout or bool(layer_code_serves(layer, layer._bt_spec))
+    return not layer._bt_spec.has_fused_layout or bool(layer_code_serves_now(layer, layer._bt_spec))
 
 
 def _nothing_padded(layer, hidden, mask) -> bool:
@@ -436,7 +458,7 @@ def _continue_packed(layer, frame, args: tuple, kwargs: dict):
         frame.carrier = None
         return _stock(layer, reason, padded, args, kwargs)
     # the note is why no fused kernel serves the layer (what path_for reported for it in _stays_packed)
-    stats.fused(frame.kernel.name, layer_code_serves(layer, layer._bt_spec) if own_code else None)
+    stats.fused(frame.kernel.name, layer_code_serves_now(layer, layer._bt_spec) if own_code else None)
     if frame.last is layer or frame.last is None:
         frame.carrier = None
         return _returned(layer, frame.kernel.unpack(out, frame.state), tail=tail)
