@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from bt_plugin.kernels.fastpath import FastpathKernel
+from bt_plugin.kernels import linear
 from bt_plugin.kernels.linear import Linears
 from bt_plugin.kernels.tensors import LayerTensors, dtype_reason
 
@@ -111,7 +112,7 @@ class PackedKernel:
         residual adds where they can), attention per sequence, layer norms."""
         mm = t.linears or plain_linears(t)
         if t.one_call and not mm.prepacked and torch.backends.mha.get_fastpath_enabled() \
-                and not torch.is_autocast_enabled(x.device.type):
+                and not torch.is_autocast_enabled(x.device.type) and not linear.splits(x.shape[0], t.linear1_weight):
             dense = _dense(x, state)
             if dense is not None:  # the whole layer in one call of torch's fused kernel (fastpath's)
                 return _FUSED_LAYER.layer(x.view(*dense, t.embed_dim), t).view(-1, t.embed_dim)
