@@ -167,3 +167,25 @@ def test_a_call_with_nothing_padded_checks_its_mask_once_per_stack(bert_dir, mon
     assert len(layers) > 1  # more than one layer: the reuse is exercised
     assert_ran_layer_code(converted.get_base_model(), "peft.tuners.lora")
     assert all(layer.fused_calls == 2 for layer in layers)
+
+
+def test_an_unpadded_call_follows_a_merged_adapter_to_the_fused_kernel(bert_dir):
+    """Which layers run their own code is remembered between calls (bt_plugin.dispatch.structure_epoch):
+    merging the adapter puts plain linears back (module assignments), and the next unpadded call of
+    the same layers runs the fused kernel, equal to stock with the adapter merged."""
+    stock = with_adapters(load(bert_dir, False), names=("first",))
+    converted = with_adapters(load(bert_dir, True), names=("first",))
+    ids, mask = support.padded_batch([11, 11], pad_token=0)  # nothing padded
+    with torch.inference_mode():
+        converted(input_ids=ids, attention_mask=mask)
+    assert_ran_layer_code(converted.get_base_model(), "peft.tuners.lora")
+    stock, converted = stock.merge_and_unload(), converted.merge_and_unload()
+    with torch.inference_mode():
+        want = stock(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        got = converted(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        last_want = stock.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        last_got = converted.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert support.max_diff_on_real(want, got, mask) <= ATOL
+    assert support.max_diff_on_real(last_want, last_got, mask) <= ATOL
+    for layer in bt_plugin.explain(converted).layers:
+        assert layer.kernel == "packed" and layer.note is None and layer.fallback_calls == 0, layer
