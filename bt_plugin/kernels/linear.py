@@ -54,16 +54,24 @@ def linear_library() -> str:
 ONEDNN_MIN_WEIGHT, ONEDNN_MIN_FLOPS = 256 * 1024, 16e6
 
 
+def _float32_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the call is plain float32 CPU inference on `[T, E]` tokens (no autocast, no grad):
+    the calls `linear` may route other than through `F.linear` itself."""
+    return (x.dtype is torch.float32 and weight.dtype is torch.float32 and x.dim() == 2 and x.device.type == "cpu"
+            and (bias is None or bias.dtype is torch.float32)
+            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"))
+
+
+def _onednn_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (weight.numel() >= ONEDNN_MIN_WEIGHT or 2 * x.shape[0] * weight.numel() >= ONEDNN_MIN_FLOPS) \
+        and linear_library() == "onednn"
+
+
 def library_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
     """The library `linear` calls for these operands: "onednn" where linear_library() says so, the
     linear is large enough (ONEDNN_MIN_WEIGHT, ONEDNN_MIN_FLOPS) and the call is plain float32 CPU
     inference on `[T, E]` tokens (no autocast, no grad); else "torch"."""
-    if (x.dtype is torch.float32 and weight.dtype is torch.float32 and x.dim() == 2 and x.device.type == "cpu"
-            and (weight.numel() >= ONEDNN_MIN_WEIGHT or 2 * x.shape[0] * weight.numel() >= ONEDNN_MIN_FLOPS)
-            and linear_library() == "onednn" and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and (bias is None or bias.dtype is torch.float32)):
-        return "onednn"
-    return "torch"
+    return "onednn" if _float32_inference(x, weight, bias) and _onednn_takes(x, weight) else "torch"
 
 
 # MKL's sgemm (`F.linear` on a CPU) takes a slow path for 3 to 15 rows times a large weight: its
@@ -87,13 +95,13 @@ def splits(rows: int, weight: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for the packed `[T, E]` tokens, through the library `library_for`
     picks; a few tokens times a large weight through MKL in pieces of its output rows (`splits`)."""
-    if library_for(x, weight, bias) == "onednn":
-        return torch_ops.lookup(torch_ops.LINEAR_POINTWISE)(x, weight, bias, "none", [], "")
-    if x.dim() == 2 and x.dtype is torch.float32 and splits(x.shape[0], weight) \
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
-        rows = -(-weight.shape[0] // max(1, round(weight.numel() / SPLIT_PIECE)))
-        pieces = zip(weight.split(rows), bias.split(rows) if bias is not None else [None] * weight.shape[0])
-        return torch.cat([F.linear(x, piece, part) for piece, part in pieces], dim=1)
+    if _float32_inference(x, weight, bias):
+        if _onednn_takes(x, weight):
+            return torch_ops.lookup(torch_ops.LINEAR_POINTWISE)(x, weight, bias, "none", [], "")
+        if splits(x.shape[0], weight):
+            pieces = weight.split(-(-weight.shape[0] // max(1, round(weight.numel() / SPLIT_PIECE))))
+            parts = bias.split(pieces[0].shape[0]) if bias is not None else [None] * len(pieces)
+            return torch.cat([F.linear(x, piece, part) for piece, part in zip(pieces, parts)], dim=1)
     return F.linear(x, weight, bias)
 
 
