@@ -218,6 +218,8 @@ def _derived(spec: "EncoderSpec") -> tuple:
 
 ROLES = ("query", "key", "value", "out_proj", "norm1", "linear1", "activation", "linear2", "norm2", "num_heads")
 OPTIONAL_ROLES = ("layer_scale1", "layer_scale2", "attention_scale")
+# the roles that are matrix multiplies (nn.Linear in the stock layer)
+LINEAR_ROLES = ("query", "key", "value", "out_proj", "linear1", "linear2")
 
 
 def resolve_roles(layer: Any, spec: EncoderSpec) -> dict[str, Any]:

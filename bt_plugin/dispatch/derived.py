@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -29,6 +30,19 @@ from bt_plugin.kernels.tensors import LayerTensors
 from bt_plugin.spec import resolve_roles
 
 _lock = threading.Lock()
+
+
+class _Copy(NamedTuple):
+    """A layer's derived copy: `tensors` (the kernel's view of it) and the bytes it `held`, made for
+    `key` (its sources' storage, version, dtype and device); `made_from` is the LayerTensors it was
+    made from, at `dtype`, when its source parameters were at `versions`."""
+
+    key: tuple
+    tensors: LayerTensors
+    held: int
+    made_from: LayerTensors
+    dtype: torch.dtype
+    versions: tuple
 # the layer attribute that holds each kind of derived weight (all dropped together by `drop`)
 _QKV, _COPIES = "_bt_qkv", "_bt_derived"
 _MATMULS = (("in_proj_weight", "in_proj_bias"), ("out_proj_weight", "out_proj_bias"),
@@ -147,18 +161,20 @@ def kernel_tensors(layer, tensors: LayerTensors, dtype: torch.dtype) -> LayerTen
     stamp keeps valid only while every parameter keeps its storage and dtype) checks the parameters'
     versions only: the check runs once per layer per call, where a short call's time is counted."""
     cached = layer.__dict__.get(_COPIES)
-    if cached is not None and cached[3] is tensors and cached[4] is dtype \
-            and cached[5] == tuple([t._version for t in tensors.sources]):
-        return cached[1]
+    versions = tuple([t._version for t in tensors.sources])
+    if cached is not None and cached.made_from is tensors and cached.dtype is dtype and cached.versions == versions:
+        return cached.tensors
     if not wants_copy(layer, tensors, dtype):
         return tensors
     sources = [getattr(tensors, name) for pair in _MATMULS for name in pair] + list(tensors.sources)
     key = (dtype,) + tuple(None if t is None else (t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
-    if cached is None or cached[0] != key:
+    if cached is None or cached.key != key:
         with _lock, torch.inference_mode(False), torch.no_grad():
-            cached = (key, *_copy(tensors, dtype))
-    layer.__dict__[_COPIES] = (*cached[:3], tensors, dtype, tuple([t._version for t in tensors.sources]))
-    return cached[1]
+            derived, held = _copy(tensors, dtype)
+    else:
+        derived, held = cached.tensors, cached.held
+    layer.__dict__[_COPIES] = _Copy(key, derived, held, tensors, dtype, versions)
+    return derived
 
 
 def _copy(tensors: LayerTensors, dtype: torch.dtype) -> tuple[LayerTensors, int]:
@@ -184,7 +200,7 @@ def held_bytes(layer) -> int:
     """The bytes of derived weights `layer` holds beside its parameters now (the fused QKV views share
     the parameters' storage and count nothing)."""
     cached = layer.__dict__.get(_COPIES)
-    return 0 if cached is None else cached[2]
+    return 0 if cached is None else cached.held
 
 
 def drop(state: dict) -> None:

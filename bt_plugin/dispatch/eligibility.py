@@ -14,9 +14,8 @@ from bt_plugin.dispatch.activations import activation_name
 from bt_plugin.compat import (
     CACHE_ARGUMENTS, attention_lookup, capture_wrapped, is_transformers_capture_hook, recorded_outputs, version_in,
 )
-from bt_plugin.spec import EncoderSpec, resolve_path, resolve_roles
+from bt_plugin.spec import LINEAR_ROLES, EncoderSpec, resolve_path, resolve_roles
 
-_LINEARS = ("query", "key", "value", "out_proj", "linear1", "linear2")
 _NORMS = ("norm1", "norm2")
 # Keyword arguments encoder loops pass on to every layer that do not change a self-attention
 # layer's math. Any other keyword with a value other than None/False (a cache, cross-attention
@@ -50,7 +49,7 @@ def structure_reason(layer: nn.Module, spec: EncoderSpec, roles: dict | None = N
         roles, reason = _roles_or_reason(layer, spec)
         if reason:
             return reason
-    for role in _LINEARS:
+    for role in LINEAR_ROLES:
         if type(roles[role]) is not nn.Linear:
             return f"{getattr(spec, role)} was {_type_name(roles[role])}, not torch.nn.Linear (an adapter?)"
     for role in _NORMS:
@@ -96,7 +95,7 @@ def layer_code_serves(layer: nn.Module, spec: EncoderSpec) -> str | None:
     roles, reason = _roles_or_reason(layer, spec)
     if reason:
         return None
-    for role, kind in [(role, nn.Linear) for role in _LINEARS] + [(role, nn.LayerNorm) for role in _NORMS]:
+    for role, kind in [(role, nn.Linear) for role in LINEAR_ROLES] + [(role, nn.LayerNorm) for role in _NORMS]:
         if type(roles[role]) is not kind:
             return f"{getattr(spec, role)} was {_type_name(roles[role])}, not torch.nn.{kind.__name__}" + (
                 " (an adapter?)" if kind is nn.Linear else "")
@@ -129,7 +128,7 @@ def kernel_reason(layer: nn.Module, spec: EncoderSpec, kernel, roles: dict | Non
         num_heads=int(roles["num_heads"]),
         norm1_eps=roles["norm1"].eps,
         norm2_eps=roles["norm2"].eps,
-        has_biases=all(roles[role].bias is not None for role in _LINEARS + _NORMS)
+        has_biases=all(roles[role].bias is not None for role in LINEAR_ROLES + _NORMS)
         and all(roles[role].weight is not None for role in _NORMS),
         plain_residuals=roles["layer_scale1"] is None and roles["layer_scale2"] is None
         and _default_scale(roles),

@@ -34,7 +34,7 @@ from bt_plugin.kernels.packed import plain_linears
 from bt_plugin.kernels.layercode import LAYER_CODE, run_layer
 from bt_plugin.dispatch.masks import key_padding_mask, padding_reason
 from bt_plugin.precision import compute_dtype, computing_in, precision_label, short_name
-from bt_plugin.spec import EncoderSpec, resolve_roles
+from bt_plugin.spec import LINEAR_ROLES, EncoderSpec, resolve_roles
 from bt_plugin.dispatch.stack import live_layers, running_frame
 
 FASTPATH = KERNELS["fastpath"]  # the one kernel that cannot compute padded rows
@@ -80,16 +80,14 @@ class FusedLayer:
                 out = _continue_packed(self, frame, args, kwargs)
             return _in_dtype(self, out, hidden_states.dtype)
         refused = self.__dict__.get("_bt_precision_reason")
-        if self.__dict__.get("_bt_precision") in _AS_LOADED and not self.training:
-            # the shortest way to what _dispatch does for a layer whose own code serves an unpadded
-            # call as loaded (each step costs several times its isolated time in a short call)
-            served = layer_code_serves_now(self, self._bt_spec)
+        if self.__dict__.get("_bt_precision") in _AS_LOADED:
+            # what _dispatch would do first, before the precision choice (as loaded, there is none to
+            # make): each step costs several times its isolated time in a short call
+            served = _own_code_serves_unpadded(self, hidden_states, args, kwargs)
             if served:
-                mask = bind(self._bt_stock_class, args, kwargs).get(mask_name(self))
-                if mask is None or _nothing_padded(self, hidden_states, mask):
-                    label = precision_label(hidden_states)
-                    return _own_code_as_called(self, served, hidden_states, args, kwargs,
-                                               f"{label} ({refused})" if refused and label else label)
+                label = precision_label(hidden_states)
+                return _own_code_as_called(self, served, hidden_states, args, kwargs,
+                                           f"{label} ({refused})" if refused and label else label)
         dtype = None if refused else compute_dtype(self.__dict__.get("_bt_precision"), hidden_states, self,
                                                    lambda: _computes_own_code(self))
         if dtype is not None:
@@ -203,8 +201,7 @@ def layer_tensors(layer) -> LayerTensors:
         float(r["attention_scale"]) if r["attention_scale"] is not None else None,
     )
     one_call = kernel_reason(layer, layer._bt_spec, FASTPATH, r) is None
-    sources = tuple(t for role in ("query", "key", "value", "out_proj", "linear1", "linear2")
-                    for t in (r[role].weight, r[role].bias) if t is not None)
+    sources = tuple(t for role in LINEAR_ROLES for t in (r[role].weight, r[role].bias) if t is not None)
     return dataclasses.replace(tensors, linears=plain_linears(tensors), one_call=one_call, sources=sources)
 
 
@@ -318,12 +315,12 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict, reduced: torch.dtype | N
     """Run a padding-free path when the call can be served, else the stock forward, recording why.
     `reduced`: the dtype the layer's precision option computes this call in (None: as loaded); a fused
     kernel computes the packed tokens in it from the padding removal to its restoration."""
+    served = _own_code_serves_unpadded(layer, hidden, args, kwargs)
+    if served:
+        return _own_code_as_called(layer, served, hidden, args, kwargs)
     frame = running_frame(layer)
     named = bind(layer._bt_stock_class, args, kwargs)
     mask = named.get(mask_name(layer))
-    served = layer_code_serves_now(layer, layer._bt_spec) if not layer.training else None
-    if served and (mask is None or _nothing_padded(layer, hidden, mask)):
-        return _own_code_as_called(layer, served, hidden, args, kwargs)
     batch_first = hidden
     if layer._bt_spec.sequence_first and isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
         batch_first = hidden.transpose(0, 1).contiguous()  # legacy (T, B, C) layers (FSMT)
@@ -349,13 +346,24 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict, reduced: torch.dtype | N
     if reason:
         return _stock(layer, reason, hidden, args, kwargs)
     _stats(layer).fused(kernel.name, note)
-    if frame is not None and _stays_packed(layer, batch_first, kernel):
+    last = _packed_until(layer, batch_first, kernel) if frame is not None else None
+    if last is not None:
         # a fused kernel's carrier is already in the reduced dtype; the layer code of the later
         # layers runs under the same autocast as this one
         frame.carrier, frame.state, frame.kernel, frame.reduced = out, state, kernel, reduced if own_code else None
-        frame.last = live_layers(layer)[-1]
+        frame.last = last
         return _returned(layer, out, packed=True, tail=tail)  # the next layer continues
     return _returned(layer, kernel.unpack(out, state), tail=tail)
+
+
+def _own_code_serves_unpadded(layer, hidden, args: tuple, kwargs: dict) -> str | None:
+    """Why the layer's own code on the batch is this call's padding-free path (the layer code
+    serves the layer, which is in eval mode, and nothing is padded), or None."""
+    served = None if layer.training else layer_code_serves_now(layer, layer._bt_spec)
+    if not served:
+        return None
+    mask = bind(layer._bt_stock_class, args, kwargs).get(mask_name(layer))
+    return served if mask is None or _nothing_padded(layer, hidden, mask) else None
 
 
 def _own_code_as_called(layer, served: str, hidden, args: tuple, kwargs: dict, label: str | None = None):
@@ -457,9 +465,9 @@ def _continue_packed(layer, frame, args: tuple, kwargs: dict):
         padded = frame.kernel.unpack(frame.carrier, frame.state)
         frame.carrier = None
         return _stock(layer, reason, padded, args, kwargs)
-    # the note is why no fused kernel serves the layer (what path_for reported for it in _stays_packed)
+    # the note is why no fused kernel serves the layer (what path_for reported for it in _packed_until)
     stats.fused(frame.kernel.name, layer_code_serves_now(layer, layer._bt_spec) if own_code else None)
-    if frame.last is layer or frame.last is None:
+    if frame.last is layer:
         frame.carrier = None
         return _returned(layer, frame.kernel.unpack(out, frame.state), tail=tail)
     frame.carrier = out
@@ -520,20 +528,21 @@ def padded_reads_of(layer) -> PaddedReads:
     return reads
 
 
-def _stays_packed(layer, hidden, kernel) -> bool:
-    """Keep the stack packed when this is its first layer and every later layer takes the same
-    path for this call.
+def _packed_until(layer, hidden, kernel):
+    """The stack's last layer when the stack stays packed from here: this is its first layer and
+    every later layer takes the same path for this call; else None.
 
     When hidden states are being recorded each layer must return `(B, L, E)`, so layers pack and
     unpack one by one instead.
     """
     layers = live_layers(layer)
     if layers is None or len(layers) < 2 or layers[0] is not layer:
-        return False
+        return None
     if "hidden_states" in recorded_outputs() or running_frame(layer).collects_outputs \
             or any(capture_wrapped(other) for other in layers):
-        return False
-    for other in list(layers)[1:]:
+        return None
+    later = list(layers)[1:]
+    for other in later:
         if not isinstance(other, FusedLayer) or path_for(other, hidden)[0] is not kernel:
-            return False
-    return True
+            return None
+    return later[-1]

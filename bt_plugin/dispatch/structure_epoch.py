@@ -14,13 +14,9 @@ checked by `structure_stamp` on every call.
 
 from __future__ import annotations
 
-import threading
-
 from torch.nn.modules import module as _module
 
 _count = 0
-_lock = threading.Lock()
-_installed = False
 
 
 def _assigned(module, name, submodule):
@@ -29,18 +25,10 @@ def _assigned(module, name, submodule):
     return None  # the assigned module is kept as it is
 
 
-def install() -> None:
-    """Start counting (once per process)."""
-    global _installed
-    with _lock:
-        if not _installed:
-            _module.register_module_module_registration_hook(_assigned)
-            _installed = True
-
-
 def current() -> int:
     """The count now (compare two readings: equal means no submodule was assigned in between)."""
     return _count
 
 
-install()
+# counting starts when this module is first imported (Python imports a module once per process)
+_module.register_module_module_registration_hook(_assigned)
