@@ -5,6 +5,8 @@ width, saved and reloaded through from_pretrained."""
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import pickle
 
 import pytest
@@ -186,8 +188,55 @@ def test_pickle_deepcopy_and_revert(model_type, pairs):
         close(want, got.last_hidden_state, mask)
     reverted = bt_plugin.revert(copy.deepcopy(converted))
     assert not bt_plugin.is_converted(reverted)
-    assert not reverted._forward_pre_hooks and not reverted._forward_hooks
+    assert not reverted._forward_pre_hooks and not reverted._forward_hooks and "forward" not in reverted.__dict__
     assert {k: v for k, v in reverted.state_dict().items()}.keys() == stock.state_dict().keys()
+
+
+def _counting_packs(monkeypatch) -> list:
+    from bt_plugin.kernels.layercode import LayerCodeKernel
+
+    packs, pack = [], LayerCodeKernel.pack
+    monkeypatch.setattr(LayerCodeKernel, "pack", lambda self, *a: packs.append(1) or pack(self, *a))
+    return packs
+
+
+@pytest.mark.parametrize("model_type", ["gte"])  # the conftest skips a family this transformers lacks
+def test_a_model_that_runs_its_own_layer_loop_opens_its_frame_without_hooks(model_type, pairs, monkeypatch):
+    """A `PreTrainedModel` running its layer loop itself gets an instance `forward` that opens the
+    frame, not forward hooks (any hook sends every call through nn.Module's slow path): its layers
+    are packed once per call, also when `model.forward(...)` is called directly (as
+    sentence-transformers does), and `model.forward` keeps stock's signature."""
+    stock, converted = pairs(model_type)
+    assert not converted._forward_pre_hooks and not converted._forward_hooks
+    assert inspect.signature(converted.forward) == inspect.signature(stock.forward)
+    ids, mask = batch(stock, [30, 5, 17])
+    packs = _counting_packs(monkeypatch)
+    with torch.inference_mode():
+        want = stock(input_ids=ids, attention_mask=mask).last_hidden_state
+        for call in (converted, converted.forward):
+            packs.clear()
+            close(want, call(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+            assert len(packs) == 1, call
+
+
+@pytest.mark.parametrize("model_type", ["gte"])
+def test_a_forward_set_on_the_instance_before_conversion_still_runs_and_comes_back(model_type, pairs,
+                                                                                   monkeypatch):
+    """accelerate's hooks set `model.forward` on the instance; conversion runs it inside the frame,
+    and revert puts it back."""
+    stock, _ = pairs(model_type)
+    model, calls = copy.deepcopy(stock), []
+    own = functools.partial(lambda inner, *a, **k: calls.append(1) or inner(*a, **k), model.forward)
+    model.forward = own
+    bt_plugin.convert(model)
+    ids, mask = batch(stock, [30, 5, 17])
+    packs = _counting_packs(monkeypatch)
+    with torch.inference_mode():
+        close(stock(input_ids=ids, attention_mask=mask).last_hidden_state,
+              model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+    assert calls == [1] and len(packs) == 1
+    bt_plugin.revert(model)
+    assert model.__dict__["forward"] is own
 
 
 @pytest.mark.parametrize("model_type", ["gte"])  # the conftest skips a family this transformers lacks

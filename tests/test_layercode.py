@@ -189,3 +189,78 @@ def test_an_unpadded_call_follows_a_merged_adapter_to_the_fused_kernel(bert_dir)
     assert support.max_diff_on_real(last_want, last_got, mask) <= ATOL
     for layer in bt_plugin.explain(converted).layers:
         assert layer.kernel == "packed" and layer.note is None and layer.fallback_calls == 0, layer
+
+
+def _run_and_compare(stock, converted, ids, mask):
+    with torch.inference_mode():
+        want = stock(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        got = converted(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    assert support.max_diff_on_real(want, got, mask) <= ATOL
+
+
+def test_later_layers_of_an_unpadded_call_take_the_first_layers_verdict(bert_dir, monkeypatch):
+    """On an unpadded call the stack's first layer decides once for the later layers that would
+    decide the same (layer code serving them, computing as loaded, eval mode): one check per stack
+    call, not one per layer, with every layer's counters still counted, equal to stock."""
+    from bt_plugin.dispatch import layer as layer_module
+
+    stock = with_adapters(load(bert_dir, False), names=("first",))
+    converted = with_adapters(load(bert_dir, True), names=("first",))
+    checks = []
+    checked = layer_module._own_code_serves_unpadded
+    monkeypatch.setattr(layer_module, "_own_code_serves_unpadded", lambda *a: checks.append(a[0]) or checked(*a))
+    ids, mask = support.padded_batch([11, 11], pad_token=0)  # nothing padded
+    for _ in range(2):
+        _run_and_compare(stock, converted, ids, mask)
+    layers = bt_plugin.explain(converted.get_base_model()).layers
+    assert len(layers) > 1
+    first = converted.get_base_model().bert.encoder.layer[0]
+    assert checks == [first, first]
+    assert_ran_layer_code(converted.get_base_model(), "peft.tuners.lora")
+    assert all(layer.fused_calls == 2 and layer.precision == "fp32" for layer in layers), layers
+    padded_ids, padded_mask = support.padded_batch([11, 4], pad_token=0)  # padded: the stack is packed
+    _run_and_compare(stock, converted, padded_ids, padded_mask)
+    assert all(layer.fused_calls == 3 for layer in bt_plugin.explain(converted.get_base_model()).layers)
+
+
+def test_a_later_layer_with_a_fused_kernel_is_not_passed_on(bert_dir):
+    """An adapter on the first layer only: that layer runs its stock code as called, the later
+    layers (plain linears) their fused kernel, each as its own call; equal to stock."""
+    stock, converted = load(bert_dir, False), load(bert_dir, True)
+    models = []
+    for model in (stock, converted):
+        torch.manual_seed(100)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False,
+                            layers_to_transform=[0], layers_pattern="layer")
+        models.append(get_peft_model(model, config).eval())
+    stock, converted = models
+    ids, mask = support.padded_batch([11, 11], pad_token=0)
+    _run_and_compare(stock, converted, ids, mask)
+    first, *later = bt_plugin.explain(converted.get_base_model()).layers
+    assert first.kernel == "layercode" and "peft.tuners.lora" in first.note and first.fused_calls == 1
+    assert later and all(layer.kernel == "packed" and layer.note is None and layer.fused_calls == 1 for layer in later)
+
+
+def test_slicing_the_layer_list_keeps_the_remembered_verdict(bert_dir, monkeypatch):
+    """Decoder-style models slice their layer list on every call (`self.layers[:n]` builds a new
+    ModuleList: one module assignment per layer). That moves converted layers and changes what no
+    layer holds, so which layers run their own code stays remembered (else it is found again on
+    every call); assigning a module inside a layer still voids it."""
+    from bt_plugin.dispatch import eligibility
+
+    converted = with_adapters(load(bert_dir, True), names=("first",))
+    base = converted.get_base_model()
+    ids, mask = support.padded_batch([11, 11], pad_token=0)
+    with torch.inference_mode():
+        converted(input_ids=ids, attention_mask=mask)
+    found = []
+    serves = eligibility.layer_code_serves
+    monkeypatch.setattr(eligibility, "layer_code_serves", lambda *a: found.append(a[0]) or serves(*a))
+    assert len(base.bert.encoder.layer[:2]) == 2
+    with torch.inference_mode():
+        converted(input_ids=ids, attention_mask=mask)
+    assert found == []
+    base.bert.encoder.layer[0].attention.self.dropout = torch.nn.Dropout(0.0)
+    with torch.inference_mode():
+        converted(input_ids=ids, attention_mask=mask)
+    assert len(found) == len(base.bert.encoder.layer)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bt_plugin.dispatch import derived
+from bt_plugin.dispatch import derived, structure_epoch
 from bt_plugin.dispatch.activations import activation_name
 from bt_plugin.dispatch.derived import current_qkv, fused_qkv, unfuse_qkv  # noqa: F401  (conversion's)
 from bt_plugin.compat import capture_wrapped, recorded_outputs
@@ -35,7 +35,7 @@ from bt_plugin.kernels.layercode import LAYER_CODE, run_layer
 from bt_plugin.dispatch.masks import key_padding_mask, padding_reason
 from bt_plugin.precision import compute_dtype, computing_in, precision_label, short_name
 from bt_plugin.spec import LINEAR_ROLES, EncoderSpec, resolve_roles
-from bt_plugin.dispatch.stack import live_layers, running_frame
+from bt_plugin.dispatch.stack import current_frame, live_layers, running_frame
 
 FASTPATH = KERNELS["fastpath"]  # the one kernel that cannot compute padded rows
 
@@ -70,7 +70,16 @@ class FusedLayer:
     _bt_spec: EncoderSpec
 
     def forward(self, hidden_states, *args, **kwargs):
-        frame = running_frame(self)
+        frame = current_frame()
+        if frame is not None:
+            passing = frame.as_called
+            if passing is not None and self in passing and frame.carrier is None:
+                # a later layer of a call the first layer found unpadded, running its stock code as
+                # called: one dict read here (each Python step between layers costs several times
+                # its isolated time); its counters are brought up to date when the loop ends
+                frame.ran.append(self)
+                return self._bt_stock_class.forward(self, hidden_states, *args, **kwargs)
+            frame = running_frame(self)
         if frame is not None and frame.carrier is not None and hidden_states is frame.carrier:
             # a later layer of a packed stack: the precision was chosen where the stack was packed
             reduced = frame.reduced
@@ -86,6 +95,8 @@ class FusedLayer:
             served = _own_code_serves_unpadded(self, hidden_states, args, kwargs)
             if served:
                 label = precision_label(hidden_states)
+                if frame is not None:
+                    _pass_on_as_called(self, frame, label)
                 return _own_code_as_called(self, served, hidden_states, args, kwargs,
                                            f"{label} ({refused})" if refused and label else label)
         dtype = None if refused else compute_dtype(self.__dict__.get("_bt_precision"), hidden_states, self,
@@ -149,6 +160,9 @@ class _TensorName:
         if layer is None:
             return self
         return getattr(layer_tensors(layer), self.name)
+
+
+structure_epoch.moves_nothing(FusedLayer)
 
 
 for _name in (
@@ -378,6 +392,35 @@ def _own_code_as_called(layer, served: str, hidden, args: tuple, kwargs: dict, l
 
 # the precision choices under which a layer computes as loaded, whatever the call
 _AS_LOADED = (None, "fp32")
+
+
+def _pass_on_as_called(layer, frame, label: str | None) -> None:
+    """When `layer` is the first of its stack and runs its stock code as called (nothing padded,
+    computing as loaded), let the later layers that would decide the same do so with one dict read:
+    those that compute as loaded, in eval mode, whose layer code serves them now. Their own masks
+    are not read again: they come from the same input, and a layer running its stock code on the
+    batch is exact whatever its mask holds."""
+    layers = live_layers(layer)
+    if layers is None or len(layers) < 2 or layers[0] is not layer:
+        return
+    passing = {}
+    for other in list(layers)[1:]:
+        state = other.__dict__
+        if isinstance(other, FusedLayer) and not other.training and state.get("_bt_precision") in _AS_LOADED:
+            served = layer_code_serves_now(other, other._bt_spec)
+            if served:
+                passing[other] = served
+    if passing:
+        frame.as_called, frame.ran, frame.settle, frame.label = passing, [], _settle_as_called, label
+
+
+def _settle_as_called(frame) -> None:
+    """The counters of the layers that ran their stock code as called under `_pass_on_as_called`."""
+    for layer in frame.ran:
+        refused = layer.__dict__.get("_bt_precision_reason")
+        stats = _stats(layer)
+        stats.last_precision = f"{frame.label} ({refused})" if refused and frame.label else frame.label
+        stats.fused(_own_code_kernel(layer._bt_spec).name, frame.as_called[layer])
 
 
 def _computes_own_code(layer) -> bool:

@@ -2,13 +2,15 @@
 
 Padding is removed once per stack only while the owner's own forward runs its layer loop: the
 owner's class is swapped (like the layers') for one whose forward marks it as running in a
-ContextVar. A layer called any other way (directly, or by code that walks the list itself)
+ContextVar (a `PreTrainedModel` owner gets an instance `forward` that does the same, see
+`FramedForward`). A layer called any other way (directly, or by code that walks the list itself)
 packs and unpacks within its own call, so a packed tensor never escapes. The layer list is read
 live from the owner, so truncating or reordering it after conversion stays correct.
 """
 
 from __future__ import annotations
 
+import inspect
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -28,8 +30,18 @@ class Frame:
     kernel: object = None
     reduced: object = None  # the autocast dtype the later layers' own code runs under (None: as loaded)
     unpadded: tuple | None = None  # (mask, (batch, length)) a layer found nothing padded under, for the later layers
-    token: object = None  # the ContextVar token of a hook-opened frame
     last: object = None  # the stack's last layer while a carrier is handed on (it unpacks)
+    # the later layers that run their stock code as called, decided by the first layer when it found
+    # nothing padded (layer: why no fused kernel serves it); `ran` collects those that did, whose
+    # counters `settle` brings up to date when the loop ends
+    as_called: dict | None = None
+    ran: list | None = None
+    settle: object = None
+    label: str | None = None  # what the first of them computed in
+
+    def close(self) -> None:
+        if self.ran:
+            self.settle(self)
 
 
 _running: ContextVar[Frame | None] = ContextVar("bt_plugin_running_stack", default=None)
@@ -43,11 +55,13 @@ class StackOwner:
     def forward(self, *args, **kwargs):
         # Encoders written before transformers 5's output recorders collect hidden states in
         # their own loop: then every layer must hand back (B, L, E), so nothing stays packed.
-        token = _running.set(Frame(self, loop_collects(self, kwargs)))
+        frame = Frame(self, loop_collects(self, kwargs))
+        token = _running.set(frame)
         try:
             return type(self)._bt_stock_class.forward(self, *args, **kwargs)
         finally:
             _running.reset(token)
+            frame.close()
 
     def __reduce_ex__(self, protocol):
         return (_rebuild_owner, (self._bt_stock_class,), dict(self.__dict__))
@@ -69,32 +83,56 @@ def _rebuild_owner(stock_class: type):
     return object.__new__(owner_class_for(stock_class))
 
 
-def _open_frame(owner: nn.Module, args, kwargs):
-    """Forward pre-hook of a `PreTrainedModel` that runs its layer loop itself (ModernBERT, GTE...)."""
-    frame = Frame(owner, loop_collects(owner, kwargs))
-    frame.token = _running.set(frame)
+class FramedForward:
+    """The forward of a `PreTrainedModel` that runs its layer loop itself (ModernBERT, GTE, Gemma 3,
+    Qwen3): an instance attribute, as accelerate's hooks set one, that runs the forward it found
+    inside the owner's frame.
 
+    Not a forward hook: any hook on a module sends every call through `nn.Module._call_impl`'s
+    slow path, 2-4 % of a one-query call (measured on EmbeddingGemma, torch's own no-op hooks
+    included). And not a class swap: a `PreTrainedModel`'s class name is saved in checkpoints.
+    Calling `model.forward(...)` directly (sentence-transformers does) opens the frame too.
+    """
 
-def _close_frame(owner: nn.Module, args, kwargs, output):
-    """Its forward hook, run even when the forward raised (`always_call`)."""
-    frame = _running.get()
-    if frame is not None and frame.owner is owner and getattr(frame, "token", None) is not None:
-        _running.reset(frame.token)
+    def __init__(self, owner: nn.Module, inner=None):
+        self.owner = owner
+        self.inner = inner  # the instance's own forward it replaced (accelerate's), if any
+
+    def __call__(self, *args, **kwargs):
+        owner = self.owner
+        frame = Frame(owner, loop_collects(owner, kwargs))
+        token = _running.set(frame)
+        try:
+            if self.inner is not None:
+                return self.inner(*args, **kwargs)
+            return type(owner).forward(owner, *args, **kwargs)
+        finally:
+            _running.reset(token)
+            frame.close()
+
+    @property
+    def __wrapped__(self):
+        return self.inner if self.inner is not None else type(self.owner).forward.__get__(self.owner)
+
+    @property
+    def __signature__(self):  # what transformers' generate and Trainer read of `model.forward`
+        return inspect.signature(self.__wrapped__)
+
+    def __reduce__(self):  # pickle and deepcopy reach the owner through their memo
+        return (FramedForward, (self.owner, self.inner))
 
 
 def attach(owner: nn.Module, attribute: str, layers) -> bool:
     """Make `owner` a stack owner for `layers` (its `attribute`).
 
     A plain module is class-swapped (like the layers). A `PreTrainedModel` is not (its class name
-    is saved in checkpoints): it gets a forward pre-hook and an always-called forward hook that
-    open and close the frame instead.
+    is saved in checkpoints): its instance gets a `FramedForward` that opens the frame instead.
     """
     from transformers import PreTrainedModel
 
     if isinstance(owner, PreTrainedModel):
-        if _open_frame not in owner._forward_pre_hooks.values():
-            owner.register_forward_pre_hook(_open_frame, with_kwargs=True)
-            owner.register_forward_hook(_close_frame, with_kwargs=True, always_call=True)
+        if not isinstance(owner.__dict__.get("forward"), FramedForward):
+            owner.__dict__["forward"] = FramedForward(owner, owner.__dict__.get("forward"))
     elif not isinstance(owner, StackOwner):
         owner.__class__ = owner_class_for(type(owner))
     for layer in layers:
@@ -105,13 +143,17 @@ def attach(owner: nn.Module, attribute: str, layers) -> bool:
 def detach(owner: nn.Module) -> None:
     if isinstance(owner, StackOwner):
         owner.__class__ = type(owner)._bt_stock_class
-    # found by identity, not by handle: the hooks survive deepcopy and pickle with the model
-    for hooks in (owner._forward_pre_hooks, owner._forward_hooks):
-        for key in [key for key, hook in hooks.items() if hook in (_open_frame, _close_frame)]:
-            del hooks[key]
-            for table in (owner._forward_pre_hooks_with_kwargs, owner._forward_hooks_with_kwargs,
-                          owner._forward_hooks_always_called):
-                table.pop(key, None)
+    framed = owner.__dict__.get("forward")
+    if isinstance(framed, FramedForward):
+        if framed.inner is None:
+            del owner.__dict__["forward"]
+        else:
+            owner.__dict__["forward"] = framed.inner
+
+
+def current_frame() -> Frame | None:
+    """The innermost running frame in this context, whoever owns it."""
+    return _running.get()
 
 
 def running_frame(layer: nn.Module) -> Frame | None:

@@ -17,11 +17,23 @@ from __future__ import annotations
 from torch.nn.modules import module as _module
 
 _count = 0
+_moved_whole: tuple[type, ...] = ()
+
+
+def moves_nothing(cls: type) -> None:
+    """Do not count assignments of a `cls` instance itself: `cls` is a converted layer, whose
+    verdict reads what it holds, and a layer placed into a list holds what it held. Decoder-style
+    models slice their layer list on every call (`self.layers[:n]` builds a new `ModuleList`:
+    one assignment per layer), which would otherwise void every verdict on every call. Converted
+    layers never hold one another."""
+    global _moved_whole
+    _moved_whole += (cls,)
 
 
 def _assigned(module, name, submodule):
     global _count
-    _count += 1
+    if not isinstance(submodule, _moved_whole):
+        _count += 1
     return None  # the assigned module is kept as it is
 
 
