@@ -79,7 +79,9 @@ class FusedLayer:
                 # its isolated time); its counters are brought up to date when the loop ends
                 frame.ran.append(self)
                 return self._bt_stock_class.forward(self, hidden_states, *args, **kwargs)
-            frame = running_frame(self)
+            owner = self.__dict__.get("_bt_owner")  # running_frame's test, on the frame already read
+            if owner is None or frame.owner is not owner[0]:
+                frame = None
         if frame is not None and frame.carrier is not None and hidden_states is frame.carrier:
             # a later layer of a packed stack: the precision was chosen where the stack was packed
             reduced = frame.reduced
