@@ -23,6 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bt_plugin
+from bt_plugin.dispatch import stock_linears
+from bt_plugin.dispatch.layer import FusedLayer
 from bt_plugin.kernels import linear
 from bt_plugin.loading import registry
 
@@ -104,6 +106,9 @@ def test_every_family_equals_stock_or_falls_back_with_a_reason(family, models, d
     heads = families.model_classes(config)
     head = case["head"] if case["head"] in heads else "base"
     stock, converted = models(family, case["model_type"], head, case["kernel"], case["prepack"])
+    for layer in converted.modules():  # the layers' own linears take the pieces too, where their code runs
+        if isinstance(layer, FusedLayer):
+            stock_linears.route(layer)
     report = bt_plugin.explain(converted)
     assert report.family == family, (
         f"the example {case['model_type']} model converted as {report.family!r}, not {family!r}: "

@@ -72,7 +72,7 @@ def test_the_vendor_table_picks_the_library(monkeypatch):
 def test_a_few_rows_times_a_large_weight_run_in_pieces_equal_to_one_call(library, rows, monkeypatch):
     """MKL's slow path for 3-15 rows (linear.SPLIT_ROWS): the product in pieces of the weight's
     output rows equals F.linear; outside the range, and for small weights, F.linear runs once."""
-    x, weight, bias = torch.randn(rows, 512), 0.05 * torch.randn(2048, 512), torch.randn(2048)
+    x, weight, bias = torch.randn(rows, 512), 0.05 * torch.randn(3072, 512), torch.randn(3072)
     calls = []
     real = F.linear
     monkeypatch.setattr(linear_module.F, "linear", lambda *args: calls.append(args[1].shape) or real(*args))
@@ -80,7 +80,7 @@ def test_a_few_rows_times_a_large_weight_run_in_pieces_equal_to_one_call(library
         for b in (bias, None):
             calls.clear()
             got = linear_module.linear(x, weight, b)
-            assert got.shape == (rows, 2048) and (got - real(x, weight, b)).abs().max() <= ATOL
+            assert got.shape == (rows, 3072) and (got - real(x, weight, b)).abs().max() <= ATOL
             inside = linear_module.SPLIT_ROWS[0] <= rows <= linear_module.SPLIT_ROWS[1]
             assert len(calls) == (round(weight.numel() / linear_module.SPLIT_PIECE) if inside else 1)
         small = torch.randn(rows, 384), torch.randn(1152, 384), torch.randn(1152)
@@ -97,7 +97,7 @@ def test_one_short_text_through_large_linears_equals_stock(tmp_path, library, le
     """A text short enough for the pieces (and a longer one, for torch's fused layer): the packed
     kernel's output equals stock's, every layer fused."""
     config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=512, num_hidden_layers=2, num_attention_heads=8,
-                                     intermediate_size=2048)
+                                     intermediate_size=3072)
     stock, converted = stock_and_converted(transformers.BertModel, config, kernel="packed")
     ids, mask = padded_batch([length], seed=3, pad_token=0)
     with torch.inference_mode():

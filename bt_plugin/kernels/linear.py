@@ -81,8 +81,11 @@ def library_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 # layer stack at 4 to 12 rows (12 layers of hidden 768; 8 of hidden 1024: 0.74-0.83x); it is no
 # faster at 1 row or from 16 rows on, nor for weights below SPLIT_MIN_WEIGHT (hidden 384: 1.1-1.3x
 # slower). Every output element is the same dot product. One query, bert-base, 2 threads:
-# 1.01x -> 1.10x of stock (`bench --shapes bert-base --workloads query`).
-SPLIT_ROWS, SPLIT_MIN_WEIGHT, SPLIT_PIECE = (4, 15), 1_000_000, 589_824
+# 1.01x -> 1.10x of stock (`bench --shapes bert-base --workloads query`). The threshold, measured on
+# 16 distinct weights in turn (as a stack reads them), 2 threads: 0.89-1.45x of one call at 0.9M-1.2M
+# elements (512 x 2048, 768 x 1536, 768 x 1152: slower at 6 rows), 0.65-0.93x at 1.3M-2.4M (1.00x at
+# most at 6 rows): the cliff in MKL's time lies between (a 2048 x 512 weight 158 us, 4096 x 512 701 us).
+SPLIT_ROWS, SPLIT_MIN_WEIGHT, SPLIT_PIECE = (4, 15), 1_300_000, 589_824
 
 
 def splits(rows: int, weight: torch.Tensor) -> bool:
@@ -99,10 +102,28 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         if _onednn_takes(x, weight):
             return torch_ops.lookup(torch_ops.LINEAR_POINTWISE)(x, weight, bias, "none", [], "")
         if splits(x.shape[0], weight):
-            pieces = weight.split(-(-weight.shape[0] // max(1, round(weight.numel() / SPLIT_PIECE))))
-            parts = bias.split(pieces[0].shape[0]) if bias is not None else [None] * len(pieces)
-            return torch.cat([F.linear(x, piece, part) for piece, part in zip(pieces, parts)], dim=1)
+            return in_pieces(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def in_pieces(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for `[T, E]` tokens, computed in pieces of about SPLIT_PIECE
+    elements of the weight's output rows (the same dot products)."""
+    pieces = weight.split(-(-weight.shape[0] // max(1, round(weight.numel() / SPLIT_PIECE))))
+    parts = bias.split(pieces[0].shape[0]) if bias is not None else [None] * len(pieces)
+    return torch.cat([F.linear(x, piece, part) for piece, part in zip(pieces, parts)], dim=1)
+
+
+def few_rows_in_pieces(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """`F.linear(x, weight, bias)` in pieces where MKL would multiply a few rows of any-shaped `x`
+    on its slow path (`splits`, plain float32 CPU inference), else None: the caller runs `F.linear`."""
+    rows = x.numel() // weight.shape[1] if weight.dim() == 2 and weight.shape[1] else 0
+    if not SPLIT_ROWS[0] <= rows <= SPLIT_ROWS[1]:
+        return None
+    tokens = x.reshape(rows, weight.shape[1])
+    if not (_float32_inference(tokens, weight, bias) and splits(rows, weight)) or _onednn_takes(tokens, weight):
+        return None
+    return in_pieces(tokens, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
 PREPACK_OPS = (torch_ops.LINEAR_POINTWISE, torch_ops.LINEAR_POINTWISE_ADD, torch_ops.REORDER_LINEAR_WEIGHT)

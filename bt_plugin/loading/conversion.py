@@ -17,7 +17,7 @@ from bt_plugin.compat import warn_unsupported_versions_once
 from bt_plugin.dispatch.eligibility import kernel_reason, layer_code_serves, structure_reason
 from bt_plugin.dispatch.heads import PaddedReads, padded_reads
 from bt_plugin.dispatch.derived import fused_qkv, unfuse_qkv
-from bt_plugin.dispatch import derived
+from bt_plugin.dispatch import derived, stock_linears
 from bt_plugin.dispatch.layer import FusedLayer, LayerStats, fused_class_for
 from bt_plugin.precision import check_precision_name, check_prepack
 from bt_plugin.spec import EncoderSpec, resolve_path
@@ -167,6 +167,7 @@ def _swap(layer: nn.Module, spec: EncoderSpec, kernel: str, reads: PaddedReads) 
     layer.__dict__.update(_bt_kernel=kernel, _bt_stats=LayerStats(), _bt_padded_reads=reads)
     if structure_reason(layer, spec) is None:
         fused_qkv(layer)  # q/k/v now live in one [3E, E] storage: no weight is held twice
+    stock_linears.route(layer)  # the layer's own linears, where its stock code runs: a few rows in pieces
 
 
 def revert(model: nn.Module) -> nn.Module:
@@ -183,6 +184,7 @@ def revert(model: nn.Module) -> nn.Module:
         detach(module)  # a no-op for anything but a stack owner
         if isinstance(module, FusedLayer):
             unfuse_qkv(module)
+            stock_linears.unroute(module)
             for key in [k for k in module.__dict__ if k.startswith("_bt_")]:
                 del module.__dict__[key]
             module.__class__ = type(module)._bt_stock_class
