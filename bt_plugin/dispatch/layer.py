@@ -412,7 +412,7 @@ def _pass_on_as_called(layer, frame, label: str | None) -> None:
             served = layer_code_serves_now(other, other._bt_spec)
             if served:
                 passing[other] = served
-    if passing:
+    if passing and frame.as_called is None:  # a first layer called again in the loop keeps what ran
         frame.as_called, frame.ran, frame.settle, frame.label = passing, [], _settle_as_called, label
 
 
