@@ -35,7 +35,7 @@ from bt_plugin.kernels.layercode import LAYER_CODE, run_layer
 from bt_plugin.dispatch.masks import key_padding_mask, padding_reason
 from bt_plugin.precision import compute_dtype, computing_in, precision_label, short_name
 from bt_plugin.spec import LINEAR_ROLES, EncoderSpec, resolve_roles
-from bt_plugin.dispatch.stack import current_frame, live_layers, running_frame
+from bt_plugin.dispatch.stack import current_frame, live_layers, owned_frame, running_frame
 
 FASTPATH = KERNELS["fastpath"]  # the one kernel that cannot compute padded rows
 
@@ -79,9 +79,7 @@ class FusedLayer:
                 # its isolated time); its counters are brought up to date when the loop ends
                 frame.ran.append(self)
                 return self._bt_stock_class.forward(self, hidden_states, *args, **kwargs)
-            owner = self.__dict__.get("_bt_owner")  # running_frame's test, on the frame already read
-            if owner is None or frame.owner is not owner[0]:
-                frame = None
+            frame = owned_frame(frame, self)
         if frame is not None and frame.carrier is not None and hidden_states is frame.carrier:
             # a later layer of a packed stack: the precision was chosen where the stack was packed
             reduced = frame.reduced

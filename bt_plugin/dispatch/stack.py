@@ -47,21 +47,26 @@ class Frame:
 _running: ContextVar[Frame | None] = ContextVar("bt_plugin_running_stack", default=None)
 
 
+def _in_frame(owner: nn.Module, forward, args: tuple, kwargs: dict):
+    """`forward(*args, **kwargs)` with `owner`'s frame open in this context (closed however it ends)."""
+    # Encoders written before transformers 5's output recorders collect hidden states in
+    # their own loop: then every layer must hand back (B, L, E), so nothing stays packed.
+    frame = Frame(owner, loop_collects(owner, kwargs))
+    token = _running.set(frame)
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        _running.reset(token)
+        frame.close()
+
+
 class StackOwner:
     """Mixin that precedes the stock class of the module holding the encoder layer list."""
 
     _bt_stock_class: type
 
     def forward(self, *args, **kwargs):
-        # Encoders written before transformers 5's output recorders collect hidden states in
-        # their own loop: then every layer must hand back (B, L, E), so nothing stays packed.
-        frame = Frame(self, loop_collects(self, kwargs))
-        token = _running.set(frame)
-        try:
-            return type(self)._bt_stock_class.forward(self, *args, **kwargs)
-        finally:
-            _running.reset(token)
-            frame.close()
+        return _in_frame(self, type(self)._bt_stock_class.forward, (self, *args), kwargs)
 
     def __reduce_ex__(self, protocol):
         return (_rebuild_owner, (self._bt_stock_class,), dict(self.__dict__))
@@ -100,15 +105,9 @@ class FramedForward:
 
     def __call__(self, *args, **kwargs):
         owner = self.owner
-        frame = Frame(owner, loop_collects(owner, kwargs))
-        token = _running.set(frame)
-        try:
-            if self.inner is not None:
-                return self.inner(*args, **kwargs)
-            return type(owner).forward(owner, *args, **kwargs)
-        finally:
-            _running.reset(token)
-            frame.close()
+        if self.inner is not None:
+            return _in_frame(owner, self.inner, args, kwargs)
+        return _in_frame(owner, type(owner).forward, (owner, *args), kwargs)
 
     @property
     def __wrapped__(self):
@@ -158,7 +157,11 @@ def current_frame() -> Frame | None:
 
 def running_frame(layer: nn.Module) -> Frame | None:
     """The frame of `layer`'s owner if that owner is running its layer loop in this context."""
-    frame = _running.get()
+    return owned_frame(_running.get(), layer)
+
+
+def owned_frame(frame: Frame | None, layer: nn.Module) -> Frame | None:
+    """`frame` if it is the frame of `layer`'s owner, else None (`running_frame` on a frame already read)."""
     owner_and_attribute = layer.__dict__.get("_bt_owner")
     if frame is None or owner_and_attribute is None or frame.owner is not owner_and_attribute[0]:
         return None

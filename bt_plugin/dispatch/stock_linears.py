@@ -41,16 +41,13 @@ class FewRowsForward:
         return (FewRowsForward, (self.module,))
 
 
-def route(layer: nn.Module) -> int:
+def route(layer: nn.Module) -> None:
     """Give the layer's plain `nn.Linear` modules with a large weight a `FewRowsForward` (not those
-    whose forward is already set on the instance); how many got one."""
-    count = 0
+    whose forward is already set on the instance)."""
     for module in layer.modules():
         if type(module) is nn.Linear and "forward" not in module.__dict__ \
                 and module.weight.numel() >= linear.SPLIT_MIN_WEIGHT:
             module.__dict__["forward"] = FewRowsForward(module)
-            count += 1
-    return count
 
 
 def unroute(layer: nn.Module) -> None:

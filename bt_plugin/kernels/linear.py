@@ -115,11 +115,10 @@ def in_pieces(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
 
 
 def few_rows_in_pieces(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """`F.linear(x, weight, bias)` in pieces where MKL would multiply a few rows of any-shaped `x`
-    on its slow path (`splits`, plain float32 CPU inference), else None: the caller runs `F.linear`."""
-    rows = x.numel() // weight.shape[1] if weight.dim() == 2 and weight.shape[1] else 0
-    if not SPLIT_ROWS[0] <= rows <= SPLIT_ROWS[1]:
-        return None
+    """`F.linear(x, weight, bias)` in pieces where MKL would multiply the rows of any-shaped `x` on
+    its few-row slow path (`splits`, plain float32 CPU inference), else None: the caller runs
+    `F.linear`. Callers test the row count against SPLIT_ROWS first (the reshape is for those)."""
+    rows = x.numel() // weight.shape[1]
     tokens = x.reshape(rows, weight.shape[1])
     if not (_float32_inference(tokens, weight, bias) and splits(rows, weight)) or _onednn_takes(tokens, weight):
         return None
