@@ -283,3 +283,22 @@ def test_roformer_with_rotary_values_stays_stock_with_the_reason():
     config = transformers.RoFormerConfig(**dict(CONFIG, rotary_value=True))
     with pytest.raises(ValueError, match="rotary_value was True"):
         bt_plugin.convert(transformers.RoFormerModel(config).eval())
+
+
+def test_a_later_layer_handed_another_score_bias_computes_with_it(monkeypatch):
+    """A loop that hands each layer a score bias of its own (not the one the first layer packed
+    with): each later layer computes with the bias it was given, as stock does."""
+    stock, converted = support.stock_and_converted(transformers.MPNetModel, transformers.MPNetConfig(**CONFIG), "packed")
+
+    def per_layer_bias(self, hidden_states, attention_mask=None, output_attentions=False,
+                       output_hidden_states=False, return_dict=False, **kwargs):
+        bias = self.compute_position_bias(hidden_states)
+        for i, layer in enumerate(self.layer):
+            hidden_states = layer(hidden_states, attention_mask, bias * (i + 1), **kwargs)[0]
+        return transformers.modeling_outputs.BaseModelOutput(last_hidden_state=hidden_states)
+
+    monkeypatch.setattr(transformers.models.mpnet.modeling_mpnet.MPNetEncoder, "forward", per_layer_bias)
+    for lengths in ([24, 24], [30, 5, 17]):
+        ids, mask = batch(lengths)
+        expected, actual = run_both(stock, converted, input_ids=ids, attention_mask=mask)
+        close(expected.last_hidden_state, actual.last_hidden_state, mask)

@@ -215,3 +215,28 @@ def test_a_call_with_nothing_padded_runs_torchs_fused_layer_once_per_layer(tmp_p
     layers = converted.config.num_hidden_layers
     assert len(calls) == (layers if one_call and fastpath_enabled else 0)
     assert all(layer.fused_calls == 1 for layer in bt_plugin.explain(converted).layers)
+
+
+@pytest.mark.parametrize("prepack", [False, True])
+def test_later_layers_called_as_the_first_are_not_checked_again(tmp_path, monkeypatch, prepack):
+    """A stack packed by its first layer: the later layers, called with the same arguments, run
+    their kernels without binding the call again (one bind per stack call, not one per layer),
+    and their counters and precision labels say what ran, as the first layer's do."""
+    from bt_plugin.dispatch import layer as layer_module
+
+    stock, converted = _pair(tmp_path, "packed")
+    bt_plugin.convert(converted, kernel="packed", prepack=prepack)
+    binds = []
+    bind = layer_module.bind
+    monkeypatch.setattr(layer_module, "bind", lambda *a: binds.append(1) or bind(*a))
+    ids, mask = padded_batch([9, 2, 14, 5], seed=3, pad_token=0)
+    with torch.inference_mode():
+        want = stock(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = converted(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert max_diff_on_real(want, got, mask) <= ATOL
+    assert len(binds) == 1
+    report = bt_plugin.explain(converted)
+    labels = {layer.precision for layer in report.layers}
+    assert all(layer.fused_calls == 1 and layer.kernel == "packed" for layer in report.layers), str(report)
+    assert len(labels) == 1 and labels.pop() == report.layers[0].precision
+    assert ("(prepacked)" in report.layers[-1].precision) == (prepack and report.prepack)
