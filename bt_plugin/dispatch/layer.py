@@ -359,6 +359,9 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict, reduced: torch.dtype | N
     # the later layers' checks run before this layer's kernel, while what they read is still in the
     # caches (after a layer's weights streamed through, each Python step costs several times more)
     last = _packed_until(layer, batch_first, kernel) if frame is not None else None
+    ahead = None
+    if last is not None and not own_code and (reduced is not None or not torch.is_autocast_enabled(carrier.device.type)):
+        ahead = _Ahead(layer, args, kwargs, carrier)
     with torch.autocast(hidden.device.type, enabled=False) if reduced is not None and not own_code else nullcontext():
         out, tail, reason = _run(kernel, layer, carrier, state, named)
     if reason:
@@ -368,9 +371,7 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict, reduced: torch.dtype | N
         # a fused kernel's carrier is already in the reduced dtype; the layer code of the later
         # layers runs under the same autocast as this one
         frame.carrier, frame.state, frame.kernel, frame.reduced = out, state, kernel, reduced if own_code else None
-        frame.last, frame.tail = last, tail
-        # a later layer called as this one was needs none of these checks again (_run_ahead)
-        frame.same_call = None if own_code else _SameCall(layer, args, kwargs, carrier.device.type)
+        frame.last, frame.tail, frame.ahead = last, tail, ahead
         return _returned(layer, out, packed=True, tail=tail)  # the next layer continues
     return _returned(layer, kernel.unpack(out, state), tail=tail)
 
@@ -500,9 +501,10 @@ def _continue_packed(layer, frame, args: tuple, kwargs: dict):
     It runs on every later layer of every call, where a short call's time is counted: each Python
     step here costs several times its isolated time once the layer's weights have streamed through
     the caches, so it reads what the first layer's checks left on the frame instead of asking again."""
-    same_call = frame.same_call
-    if same_call is not None and same_call(layer, args, kwargs):
-        return _run_ahead(layer, frame)
+    ahead = frame.ahead
+    entry = None if ahead is None else ahead.entry(layer, args, kwargs)
+    if entry is not None:
+        return _run_ahead(layer, frame, *entry)
     own_code = _runs_own_code(frame.kernel)
     stats = _stats(layer)
     if own_code:
@@ -599,35 +601,51 @@ def _packed_until(layer, hidden, kernel):
     return later[-1]
 
 
-class _SameCall:
-    """Whether a later layer's call is the first layer's call again: the same stock class (same
-    signature and return convention), the very same argument objects after the hidden states (an
-    encoder loop hands every layer the same mask), and no autocast around it. Then the first
-    layer's checks of the call hold for it (`_run_ahead`)."""
 
-    __slots__ = ("cls", "args", "kwargs", "device")
+class _Ahead:
+    """What a stack's first layer, packing the call for a fused kernel, makes for the later layers
+    before its own kernel runs: each later layer's kernel tensors at the carrier's dtype (its
+    derived copy checked, see bt_plugin.dispatch.derived) and its precision label. Made there in one
+    go rather than layer by layer after each kernel: right after a layer's weights streamed through
+    the caches each Python step costs several times more.
 
-    def __init__(self, layer, args: tuple, kwargs: dict, device: str):
-        self.cls, self.args, self.kwargs, self.device = type(layer), args, kwargs, device
+    A later layer uses them when its call is the first layer's again (`entry`): the same class (same
+    signature and return convention) and the very same argument objects after the hidden states (an
+    encoder loop hands every layer the same mask), so the first layer's checks of the call hold for
+    it. Made only outside a user's autocast (a later layer's kernel then reads these tensors)."""
 
-    def __call__(self, layer, args: tuple, kwargs: dict) -> bool:
+    __slots__ = ("cls", "args", "kwargs", "layers")
+
+    def __init__(self, layer, args: tuple, kwargs: dict, carrier: torch.Tensor):
+        self.cls, self.args, self.kwargs = type(layer), args, kwargs
+        dtype, self.layers = carrier.dtype, {}
+        for other in list(live_layers(layer))[1:]:
+            tensors = derived.kernel_tensors(other, _layer_tensors(other), dtype)
+            self.layers[other] = (tensors, short_name(dtype) + (" (prepacked)" if tensors.linears.prepacked else ""))
+
+    def entry(self, layer, args: tuple, kwargs: dict) -> tuple | None:
+        """`(tensors, label)` for `layer` called with these arguments, or None (check it as usual)."""
+        entry = self.layers.get(layer)
         first, named = self.args, self.kwargs
-        return (type(layer) is self.cls and len(args) == len(first) and all(map(operator.is_, args, first))
-                and kwargs.keys() == named.keys() and all(named[key] is value for key, value in kwargs.items())
-                and not torch.is_autocast_enabled(self.device))
+        if (entry is None or type(layer) is not self.cls or len(args) != len(first)
+                or not all(map(operator.is_, args, first)) or kwargs.keys() != named.keys()
+                or not all(named[key] is value for key, value in kwargs.items())):
+            return None
+        return entry
 
 
-def _run_ahead(layer, frame):
-    """A later layer of a stack packed for a fused kernel, called as the first layer was
-    (`_SameCall`): its kernel on the carrier, without binding and checking the call again."""
-    carrier = frame.carrier
-    tensors = derived.kernel_tensors(layer, _layer_tensors(layer), carrier.dtype)
+def _run_ahead(layer, frame, tensors: LayerTensors, label: str):
+    """A later layer of a stack packed for a fused kernel, called as the first layer was: its kernel
+    on the carrier with what the first layer made for it (`_Ahead`), the call not checked again."""
     stats = _stats(layer)
-    stats.last_precision = short_name(carrier.dtype) + (" (prepacked)" if tensors.linears.prepacked else "")
-    out = frame.kernel.layer(carrier, tensors, frame.state)
+    stats.last_precision = label
+    out = frame.kernel.layer(frame.carrier, tensors, frame.state)
     stats.fused(frame.kernel.name, None)
     if frame.last is layer:
         frame.carrier = None
-        return _returned(layer, frame.kernel.unpack(out, frame.state), tail=frame.tail)
-    frame.carrier = out
-    return _returned(layer, out, packed=True, tail=frame.tail)
+        out = frame.kernel.unpack(out, frame.state)
+        if layer._bt_spec.sequence_first:
+            out = out.transpose(0, 1)
+    else:
+        frame.carrier = out
+    return out if frame.tail is None else (out,) + frame.tail

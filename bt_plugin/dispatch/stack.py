@@ -31,7 +31,7 @@ class Frame:
     reduced: object = None  # the autocast dtype the later layers' own code runs under (None: as loaded)
     unpadded: tuple | None = None  # (mask, (batch, length)) a layer found nothing padded under, for the later layers
     last: object = None  # the stack's last layer while a carrier is handed on (it unpacks)
-    same_call: object = None  # whether a later layer's call is the first's again (layer._SameCall)
+    ahead: object = None  # what the first layer made for the later layers' kernels (layer._Ahead)
     tail: tuple | None = None  # what the layers return after the hidden states (None: a tensor)
     # the later layers that run their stock code as called, decided by the first layer when it found
     # nothing padded (layer: why no fused kernel serves it); `ran` collects those that did, whose
