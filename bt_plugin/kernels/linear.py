@@ -173,7 +173,8 @@ class PrepackedLinears(Linears):
     every row count: no reorder per call), with the activation and the residual add fused into the
     multiply as oneDNN post-ops where oneDNN computes them (FUSED_ACTIVATIONS; a residual unless a
     layer scale sits between). The weights are a copy beside the parameters
-    (bt_plugin.dispatch.derived makes, reports and drops it)."""
+    (bt_plugin.dispatch.derived makes, reports and drops it). The two operators are looked up once,
+    when the copy is made: each multiply calls them directly (a short call counts every step)."""
 
     prepacked = True
 
@@ -183,27 +184,26 @@ class PrepackedLinears(Linears):
                   for w, b in (qkv, out, up, down)]
         super().__init__(*packed, activation, activation_fn)
         self.post_op = FUSED_ACTIVATIONS.get(activation)
+        self._multiply = torch_ops.lookup(torch_ops.LINEAR_POINTWISE)
+        self._multiply_add = torch_ops.lookup(torch_ops.LINEAR_POINTWISE_ADD)
 
-    @staticmethod
-    def _multiply(x: torch.Tensor, pair, post_op=("none", [], "")) -> torch.Tensor:
-        return torch_ops.lookup(torch_ops.LINEAR_POINTWISE)(x, pair[0], pair[1], *post_op)
-
-    @staticmethod
-    def _plus(x: torch.Tensor, pair, residual: torch.Tensor, scale) -> torch.Tensor:
+    def _plus(self, x: torch.Tensor, pair, residual: torch.Tensor, scale) -> torch.Tensor:
         if scale is not None:
-            return _scaled_residual(PrepackedLinears._multiply(x, pair), residual, scale)
-        return torch_ops.lookup(torch_ops.LINEAR_POINTWISE_ADD)(x, residual, pair[0], pair[1], "add")
+            return _scaled_residual(self._multiply(x, pair[0], pair[1], "none", [], ""), residual, scale)
+        return self._multiply_add(x, residual, pair[0], pair[1], "add")
 
     def qkv(self, x):
-        return self._multiply(x, self.pairs[0])
+        weight, bias = self.pairs[0]
+        return self._multiply(x, weight, bias, "none", [], "")
 
     def out(self, x, residual, scale=None):
         return self._plus(x, self.pairs[1], residual, scale)
 
     def up(self, x):
+        weight, bias = self.pairs[2]
         if self.post_op is not None:
-            return self._multiply(x, self.pairs[2], self.post_op)
-        return self.activation_fn(self._multiply(x, self.pairs[2]))
+            return self._multiply(x, weight, bias, *self.post_op)
+        return self.activation_fn(self._multiply(x, weight, bias, "none", [], ""))
 
     def down(self, x, residual, scale=None):
         return self._plus(x, self.pairs[3], residual, scale)
