@@ -612,12 +612,12 @@ class _Ahead:
     A later layer uses them when its call is the first layer's again (`entry`): the same class (same
     signature and return convention) and the very same argument objects after the hidden states (an
     encoder loop hands every layer the same mask), so the first layer's checks of the call hold for
-    it. Made only outside a user's autocast (a later layer's kernel then reads these tensors)."""
+    it. Made and used only outside autocast (where a later layer's kernel reads these tensors)."""
 
-    __slots__ = ("cls", "args", "kwargs", "layers")
+    __slots__ = ("cls", "args", "kwargs", "layers", "device")
 
     def __init__(self, layer, args: tuple, kwargs: dict, carrier: torch.Tensor):
-        self.cls, self.args, self.kwargs = type(layer), args, kwargs
+        self.cls, self.args, self.kwargs, self.device = type(layer), args, kwargs, carrier.device.type
         dtype, self.layers = carrier.dtype, {}
         for other in list(live_layers(layer))[1:]:
             tensors = derived.kernel_tensors(other, _layer_tensors(other), dtype)
@@ -629,7 +629,8 @@ class _Ahead:
         first, named = self.args, self.kwargs
         if (entry is None or type(layer) is not self.cls or len(args) != len(first)
                 or not all(map(operator.is_, args, first)) or kwargs.keys() != named.keys()
-                or not all(named[key] is value for key, value in kwargs.items())):
+                or not all(named[key] is value for key, value in kwargs.items())
+                or torch.is_autocast_enabled(self.device)):
             return None
         return entry
 
