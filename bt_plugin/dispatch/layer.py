@@ -601,7 +601,6 @@ def _packed_until(layer, hidden, kernel):
     return later[-1]
 
 
-
 class _Ahead:
     """What a stack's first layer, packing the call for a fused kernel, makes for the later layers
     before its own kernel runs: each later layer's kernel tensors at the carrier's dtype (its
@@ -644,9 +643,6 @@ def _run_ahead(layer, frame, tensors: LayerTensors, label: str):
     stats.fused(frame.kernel.name, None)
     if frame.last is layer:
         frame.carrier = None
-        out = frame.kernel.unpack(out, frame.state)
-        if layer._bt_spec.sequence_first:
-            out = out.transpose(0, 1)
-    else:
-        frame.carrier = out
-    return out if frame.tail is None else (out,) + frame.tail
+        return _returned(layer, frame.kernel.unpack(out, frame.state), tail=frame.tail)
+    frame.carrier = out
+    return _returned(layer, out, packed=True, tail=frame.tail)
