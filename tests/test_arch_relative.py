@@ -290,11 +290,13 @@ def test_a_later_layer_handed_another_score_bias_computes_with_it(monkeypatch):
     with): each later layer computes with the bias it was given, as stock does."""
     stock, converted = support.stock_and_converted(transformers.MPNetModel, transformers.MPNetConfig(**CONFIG), "packed")
 
-    def per_layer_bias(self, hidden_states, attention_mask=None, output_attentions=False,
+    def per_layer_bias(self, hidden_states, attention_mask=None, head_mask=None, output_attentions=False,
                        output_hidden_states=False, return_dict=False, **kwargs):
         bias = self.compute_position_bias(hidden_states)
         for i, layer in enumerate(self.layer):
-            hidden_states = layer(hidden_states, attention_mask, bias * (i + 1), **kwargs)[0]
+            if head_mask is not None:  # transformers 4.x hands the encoder one entry per layer
+                kwargs["head_mask"] = head_mask[i]
+            hidden_states = layer(hidden_states, attention_mask, position_bias=bias * (i + 1), **kwargs)[0]
         return transformers.modeling_outputs.BaseModelOutput(last_hidden_state=hidden_states)
 
     monkeypatch.setattr(transformers.models.mpnet.modeling_mpnet.MPNetEncoder, "forward", per_layer_bias)
