@@ -358,20 +358,20 @@ def _dispatch(layer, hidden, args: tuple, kwargs: dict, reduced: torch.dtype | N
         carrier = carrier.to(reduced)
     # the later layers' checks run before this layer's kernel, while what they read is still in the
     # caches (after a layer's weights streamed through, each Python step costs several times more)
-    last = _packed_until(layer, batch_first, kernel) if frame is not None else None
+    later = _packed_until(layer, batch_first, kernel) if frame is not None else None
     ahead = None
-    if last is not None and not own_code and (reduced is not None or not torch.is_autocast_enabled(carrier.device.type)):
-        ahead = _Ahead(layer, args, kwargs, carrier)
+    if later and not own_code and (reduced is not None or not torch.is_autocast_enabled(carrier.device.type)):
+        ahead = _Ahead(layer, later, args, kwargs, carrier)
     with torch.autocast(hidden.device.type, enabled=False) if reduced is not None and not own_code else nullcontext():
         out, tail, reason = _run(kernel, layer, carrier, state, named)
     if reason:
         return _stock(layer, reason, hidden, args, kwargs)
     _stats(layer).fused(kernel.name, note)
-    if last is not None:
+    if later:
         # a fused kernel's carrier is already in the reduced dtype; the layer code of the later
         # layers runs under the same autocast as this one
         frame.carrier, frame.state, frame.kernel, frame.reduced = out, state, kernel, reduced if own_code else None
-        frame.last, frame.tail, frame.ahead = last, tail, ahead
+        frame.last, frame.tail, frame.ahead = later[-1], tail, ahead
         return _returned(layer, out, packed=True, tail=tail)  # the next layer continues
     return _returned(layer, kernel.unpack(out, state), tail=tail)
 
@@ -491,8 +491,23 @@ def _fused_layer(kernel, layer, carrier: torch.Tensor, tensors: LayerTensors, st
         _stats(layer).last_precision = precision_label(carrier)
     else:
         tensors = derived.kernel_tensors(layer, tensors, carrier.dtype)
-        _stats(layer).last_precision = short_name(carrier.dtype) + (" (prepacked)" if tensors.linears.prepacked else "")
+        _stats(layer).last_precision = _kernel_label(carrier.dtype, tensors)
     return kernel.layer(carrier, tensors, state)
+
+
+def _kernel_label(dtype: torch.dtype, tensors: LayerTensors) -> str:
+    """What a fused kernel's call computes in: `fp32`, `bf16 (prepacked)`, ..."""
+    return short_name(dtype) + (" (prepacked)" if tensors.linears.prepacked else "")
+
+
+def _hand_on(layer, frame, out, tail: tuple | None):
+    """A later layer's output on the packed carrier: restored to `(B, L, E)` by the stack's last
+    layer, else handed to the next layer."""
+    if frame.last is layer:
+        frame.carrier = None
+        return _returned(layer, frame.kernel.unpack(out, frame.state), tail=tail)
+    frame.carrier = out
+    return _returned(layer, out, packed=True, tail=tail)
 
 
 def _continue_packed(layer, frame, args: tuple, kwargs: dict):
@@ -520,11 +535,7 @@ def _continue_packed(layer, frame, args: tuple, kwargs: dict):
         return _stock(layer, reason, padded, args, kwargs)
     # the note is why no fused kernel serves the layer (what path_for reported for it in _packed_until)
     stats.fused(frame.kernel.name, layer_code_serves_now(layer, layer._bt_spec) if own_code else None)
-    if frame.last is layer:
-        frame.carrier = None
-        return _returned(layer, frame.kernel.unpack(out, frame.state), tail=tail)
-    frame.carrier = out
-    return _returned(layer, out, packed=True, tail=tail)
+    return _hand_on(layer, frame, out, tail)
 
 
 def _eligible(layer, hidden, named: dict, mask):
@@ -582,8 +593,8 @@ def padded_reads_of(layer) -> PaddedReads:
 
 
 def _packed_until(layer, hidden, kernel):
-    """The stack's last layer when the stack stays packed from here: this is its first layer and
-    every later layer takes the same path for this call; else None.
+    """The later layers (the last of them unpacks) when the stack stays packed from here: this is its
+    first layer and every later layer takes the same path for this call; else None.
 
     When hidden states are being recorded each layer must return `(B, L, E)`, so layers pack and
     unpack one by one instead.
@@ -598,7 +609,7 @@ def _packed_until(layer, hidden, kernel):
     for other in later:
         if not isinstance(other, FusedLayer) or path_for(other, hidden)[0] is not kernel:
             return None
-    return later[-1]
+    return later
 
 
 class _Ahead:
@@ -615,12 +626,12 @@ class _Ahead:
 
     __slots__ = ("cls", "args", "kwargs", "layers", "device")
 
-    def __init__(self, layer, args: tuple, kwargs: dict, carrier: torch.Tensor):
+    def __init__(self, layer, later: list, args: tuple, kwargs: dict, carrier: torch.Tensor):
         self.cls, self.args, self.kwargs, self.device = type(layer), args, kwargs, carrier.device.type
         dtype, self.layers = carrier.dtype, {}
-        for other in list(live_layers(layer))[1:]:
+        for other in later:
             tensors = derived.kernel_tensors(other, _layer_tensors(other), dtype)
-            self.layers[other] = (tensors, short_name(dtype) + (" (prepacked)" if tensors.linears.prepacked else ""))
+            self.layers[other] = (tensors, _kernel_label(dtype, tensors))
 
     def entry(self, layer, args: tuple, kwargs: dict) -> tuple | None:
         """`(tensors, label)` for `layer` called with these arguments, or None (check it as usual)."""
@@ -641,8 +652,4 @@ def _run_ahead(layer, frame, tensors: LayerTensors, label: str):
     stats.last_precision = label
     out = frame.kernel.layer(frame.carrier, tensors, frame.state)
     stats.fused(frame.kernel.name, None)
-    if frame.last is layer:
-        frame.carrier = None
-        return _returned(layer, frame.kernel.unpack(out, frame.state), tail=frame.tail)
-    frame.carrier = out
-    return _returned(layer, out, packed=True, tail=frame.tail)
+    return _hand_on(layer, frame, out, frame.tail)
