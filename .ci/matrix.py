@@ -25,7 +25,7 @@ MATRIX_TESTS = [
     "tests/test_arch_seq2seq.py", "tests/test_arch_fsmt.py", "tests/test_arch_relative.py",
     "tests/test_arch_rotary.py", "tests/test_trainer.py",
     "tests/test_fuzz_families.py", "tests/test_mask_edge_cases.py", "tests/test_autocast.py", "tests/test_precision.py",
-    "tests/test_prepacked.py", "tests/test_private_ops.py",
+    "tests/test_prepacked.py", "tests/test_private_ops.py", "tests/test_packed.py",
     "tests/test_arch_decoder.py",
 ]
 

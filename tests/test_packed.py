@@ -144,8 +144,8 @@ def test_bt_plugin_kernel_environment_variable(tmp_path):
 def test_half_precision_runs_packed_or_falls_back_cleanly(tmp_path, dtype, kernel):
     """packed runs the same torch ops as stock in bf16/fp16; fastpath (fp32 only on CPU) falls back."""
     path = save_model("bert", tmp_path)
-    stock = model_class("bert").from_pretrained(path, dtype=dtype).eval()
-    converted = bt_plugin.convert(model_class("bert").from_pretrained(path, dtype=dtype).eval(), kernel=kernel)
+    stock = model_class("bert").from_pretrained(path).to(dtype).eval()
+    converted = bt_plugin.convert(model_class("bert").from_pretrained(path).to(dtype).eval(), kernel=kernel)
     ids, mask = padded_batch([9, 2, 14, 5], seed=3, pad_token=0)
     with torch.inference_mode():
         want = stock(input_ids=ids, attention_mask=mask).last_hidden_state.float()
