@@ -491,3 +491,62 @@ def test_openvino_peers_are_rows_each_timed_in_a_process_of_its_own(tmp_path, ca
             assert default["matmul_gflops"] and default["matmul_gflops"] != case["matmul_gflops"]  # its bf16 rate
             assert default["share_of_ideal"] is None  # no stock autocast row to compare with
     assert "| openvino-f32 |" in printed and re.search(r"\| openvino \((bf16|f32)\) \|", printed)
+
+
+def test_inductor_peers_run_only_when_named_and_need_a_compiler(monkeypatch, capsys):
+    """The compiling peers (torch.compile) are never a default (tens of seconds of compile per model)
+    and run on torch's own thread pool (their process keeps the candidates' OpenMP settings); without
+    a C++ compiler on PATH they are not installed, and naming them says why."""
+    from bt_plugin.tools.bench import peers
+
+    assert {"inductor", "inductor-bf16"} <= set(peers.installed_peers())  # this machine has g++
+    assert not {"inductor", "inductor-bf16"} & set(peers.default_peers())
+    assert set(peers.default_peers()) == set(peers.installed_peers()) - {"inductor", "inductor-bf16"}
+    assert bench_settings.make_settings(["tiny"], None, None, 1, False, False, 1, 0).peers == peers.default_peers()
+    assert peers.peer_environment("inductor") == {} and peers.peer_environment("openvino") == {"OMP_WAIT_POLICY": "PASSIVE"}
+    monkeypatch.setattr(peers.shutil, "which", lambda name: None)
+    assert "inductor" not in peers.installed_peers() and "openvino" in peers.installed_peers()
+    assert cli.main(["bench", *TINY[:-2], "--peers", "inductor"]) == 2
+    assert "need a C++ compiler on PATH" in capsys.readouterr().err
+
+
+def test_inductor_peers_return_stocks_last_hidden_state(tmp_path):
+    """inductor: stock's model compiled (fp32, freezing, dynamic shapes) gives stock's
+    last_hidden_state on real tokens within the fp32 tolerance, for batches of several shapes;
+    inductor-bf16 computes in bf16 on a copy (stock's own weights stay fp32) and is judged by cosine.
+    Each counts its compile as warm-up seconds."""
+    import transformers
+
+    from bt_plugin.tools.bench import peers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=2,
+                                     vocab_size=2000)
+    model = transformers.BertModel(config).eval()
+    batches = [bench_cases.random_batch(lengths, max(lengths), config.vocab_size, seed)
+               for seed, lengths in enumerate(([5], [9], [40, 9, 1]))]
+    with torch.inference_mode():
+        expected = [model(**batch).last_hidden_state for batch in batches]
+    served = peers.peer_model("inductor", model, tmp_path, threads=1)
+    assert served.computes_in == "f32" and bench_timing.peer_precision("inductor", served) == "f32"
+    served.warm_up(batches)
+    assert served.warm_up_s > 0
+    for batch, want in zip(batches, expected):
+        got = served(**batch)
+        real = batch["attention_mask"].bool()
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert (got[real] - want[real]).abs().max() <= bench_results.TOLERANCE
+    reduced = peers.peer_model("inductor-bf16", model, tmp_path, threads=1)
+    assert model.embeddings.word_embeddings.weight.dtype == torch.float32  # cast on a copy
+    assert bench_timing.peer_precision("inductor-bf16", reduced) == "bf16"
+    row = bench_results.CandidateResult("inductor-bf16", [1.0], computes_in="bf16", warm_up_s=12.3,
+                                       max_abs_diff=0.01, min_cosine=1.0)
+    assert row.reduced and row.label == "inductor-bf16"
+    case = bench_results.CaseResult("tiny", "query", "1 x 1 x 5", 1.0, [row])
+    assert "| inductor-bf16 (compiled in 12 s) |" in bench_report.markdown_table(
+        bench_report.CASE_COLUMNS, [bench_report._row_cells(case, row)])
+    with torch.inference_mode():
+        got = reduced(**batches[2])
+    real = batches[2]["attention_mask"].bool()
+    cosine = torch.nn.functional.cosine_similarity(got[real], expected[2][real], dim=-1)
+    assert got.dtype == torch.float32 and cosine.min() > 0.99

@@ -43,8 +43,11 @@ processes, on one torch thread (see QUICK_THREADS).
 Peers: other engines, shown beside the candidates and never judged, each timed in a process of its
 own (their thread pools slow torch down in a shared one): `onnxruntime` (bt_plugin.tools.bench.peers:
 `torch.onnx.export(dynamo=True)` of stock's model, all graph optimizations, intra-op spinning off,
-the same threads) on the BERT-architecture shapes, when `pip install 'bt-plugin[peers]'` installed it
-(`--peers none` leaves it out).
+the same threads) and OpenVINO (f32 and its default precision) on the BERT-architecture shapes, when
+`pip install 'bt-plugin[peers]'` installed them (`--peers none` leaves them out); `inductor` and
+`inductor-bf16` (`torch.compile` of stock's model, fp32 and cast to bf16) only when `--peers` names
+them: they compile each model's shapes for tens of seconds in an untimed warm-up, whose seconds
+their rows show.
 
 Timing: each candidate runs once untimed (its output is compared with stock on real tokens),
 then each repetition runs every candidate once in a rotating order; the report gives the median

@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision-of-this-process", default="fp32", help=argparse.SUPPRESS)
     parser.add_argument("--peers", type=_names, default=None,
                         help="comma-separated other engines, or none: " + "; ".join(f"{name}: {what}" for name, what
-                        in PEERS.items()) + " (default: those installed, pip install 'bt-plugin[peers]'; rows shown "
-                        "beside the candidates, not judged)")
+                        in PEERS.items()) + " (default: those installed, pip install 'bt-plugin[peers]', but the inductor ones; "
+                        "rows shown beside the candidates, not judged)")
     parser.add_argument("--peer-of-this-process", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--text-batches", type=int, default=None, help="batches of 32 paragraphs in the text "
                         "workload (default 4, 1 with --quick)")

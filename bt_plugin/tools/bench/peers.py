@@ -1,5 +1,7 @@
 """Other engines as peer rows: ONNX Runtime on a `torch.onnx` export of stock's weights, OpenVINO on
-an `openvino.convert_model` conversion of them (at float32, and at its default precision).
+an `openvino.convert_model` conversion of them (at float32, and at its default precision), and
+`torch.compile` (inductor) on stock's model (float32, and cast to bf16), only when named: it compiles
+each model for tens of seconds, in the untimed warm-up.
 
 Each peer is timed in a process of its own (see runner.run_child): ONNX Runtime's and OpenVINO's
 thread pools slow torch (and each other) down when they share a process. In that process torch
@@ -11,7 +13,10 @@ its latency hint).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -27,17 +32,41 @@ PEERS: dict[str, str] = {
     "openvino": "OpenVINO at its default precision, otherwise as openvino-f32: bf16 on CPUs with AMX or "
                 "AVX512-BF16, else f32 (the row names what the compiled model reports; below f32, quality is "
                 "the cosine of pooled outputs and the limit is measured in that dtype)",
+    "inductor": "torch.compile of stock's model, fp32 (inductor with freezing: weights constant-folded and "
+                "prepacked; cpp_wrapper; dynamic shapes); only when named; its compile is the untimed warm-up, "
+                "its seconds in the row's name",
+    "inductor-bf16": "as inductor, on stock's model cast to bf16, with max-autotune (inductor's C++ GEMM "
+                     "templates: AMX or AVX512-BF16 micro-kernels where the CPU has them)",
 }
 
 
 PEER_PACKAGES = {"onnxruntime": ("onnxruntime", "onnx", "onnxscript"), "openvino-f32": ("openvino",),
-                 "openvino": ("openvino",)}
+                 "openvino": ("openvino",), "inductor": (), "inductor-bf16": ()}
+# Peers that run on torch's own thread pool (their process keeps the candidates' OpenMP settings) and
+# compile C++ (a compiler must be on PATH); timed only when `--peers` names them: tens of seconds of
+# compile per model.
+COMPILING_PEERS = ("inductor", "inductor-bf16")
+CXX_COMPILERS = ("g++", "c++", "clang++")
 
 
 def installed_peers() -> tuple[str, ...]:
-    """The peers whose packages are installed (pip install 'bt-plugin[peers]')."""
+    """The peers this machine can run: their packages installed (pip install 'bt-plugin[peers]'),
+    and a C++ compiler on PATH for the compiling ones."""
+    compiler = any(shutil.which(name) for name in CXX_COMPILERS)
     return tuple(name for name, packages in PEER_PACKAGES.items()
-                 if all(importlib.util.find_spec(package) for package in packages))
+                 if all(importlib.util.find_spec(package) for package in packages)
+                 and (compiler or name not in COMPILING_PEERS))
+
+
+def default_peers() -> tuple[str, ...]:
+    """The peers a benchmark runs when `--peers` is not given: the installed ones that do not compile."""
+    return tuple(name for name in installed_peers() if name not in COMPILING_PEERS)
+
+
+def peer_environment(name: str) -> dict[str, str]:
+    """Environment variables of a peer's process (PEER_PROCESS_ENVIRONMENT for the engines with thread
+    pools of their own; none for those that run on torch's)."""
+    return {} if name in COMPILING_PEERS else PEER_PROCESS_ENVIRONMENT
 
 
 def serves(shape) -> bool:
@@ -134,12 +163,40 @@ def openvino_model(model: nn.Module, threads: int | None, precision: str | None 
     return OpenVinoModel(openvino.compile_model(converted, "CPU", config))
 
 
+class CompiledModel(nn.Module):
+    """`torch.compile` (inductor) of stock's model, called like it: `model(**batch)` returns
+    `last_hidden_state` as float32. Each new shape class compiles on its first call (`warm_up` makes
+    those calls, untimed, and keeps their seconds); `computes_in` is `f32` or `bf16`."""
+
+    def __init__(self, model: nn.Module, precision: str):
+        super().__init__()
+        self.computes_in = precision
+        self.model = copy.deepcopy(model).to(torch.bfloat16) if precision == "bf16" else model
+        options = {"freezing": True, "cpp_wrapper": True, "max_autotune": precision == "bf16"}
+        self.compiled = torch.compile(self.model, dynamic=True, options=options)
+        self.warm_up_s = 0.0
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        """`last_hidden_state` (float32)."""
+        return self.compiled(**batch).last_hidden_state.float()
+
+    def warm_up(self, batches: list[dict]) -> None:
+        """Call each batch once (what compiles), adding the seconds to `warm_up_s`."""
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for batch in batches:
+                self(**batch)
+        self.warm_up_s += time.perf_counter() - start
+
+
 def peer_model(name: str, model: nn.Module, workdir: Path, threads: int | None) -> nn.Module:
     """The named peer serving `model`'s forward (exported to files under `workdir`)."""
     if name == "onnxruntime":
         return onnxruntime_model(model, workdir / "model.onnx", threads)
     if name in ("openvino-f32", "openvino"):
         return openvino_model(model, threads, "f32" if name == "openvino-f32" else None)
+    if name in COMPILING_PEERS:
+        return CompiledModel(model.eval(), "bf16" if name == "inductor-bf16" else "f32")
     raise ValueError(f"unknown peer {name!r}; valid: {', '.join(PEERS)}")
 
 

@@ -28,8 +28,9 @@ def _row_cells(case: CaseResult, row: CandidateResult) -> list[str]:
         diff = f"cos {row.min_cosine:.5f} {'ok' if row.exact else 'FAIL'}"
     calls = "-" if not row.fused else f"{row.fused_calls} / {row.fallback_calls}"
     spread = f"{_ms(min(row.times_ms))}–{_ms(max(row.times_ms))}" + (" noisy" if row.noisy else "")
+    label = row.label if row.warm_up_s is None else f"{row.label} (compiled in {row.warm_up_s:.0f} s)"
     return [
-        row.label, _ms(row.median_ms), spread,
+        label, _ms(row.median_ms), spread,
         "-" if ratio is None else f"{ratio:.2f}x", f"{case.real_fraction:.0%}", "-" if case.of_ideal(row) is None else f"{case.of_ideal(row):.0%}",
         "-" if case.of_limit(row) is None else f"{case.of_limit(row):.0%}", diff, calls,
     ]

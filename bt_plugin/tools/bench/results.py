@@ -35,12 +35,14 @@ class CandidateResult:
     min_cosine: float | None = None  # reduced precision: min cosine of pooled outputs to fp32 stock
     matmul_gflops: float | None = None  # the matrix-multiply rate in this row's dtype (its own process)
     computes_in: str | None = None  # what a peer reports computing in where its name does not fix it (`bf16`)
+    warm_up_s: float | None = None  # a compiling peer's untimed first calls (its compile), seconds
 
     @property
     def label(self) -> str:
         """The candidate, with its precision when that is not fp32 (`packed autocast`), or what a peer
         reports computing in (`openvino (bf16)`)."""
-        name = self.candidate if self.computes_in is None else f"{self.candidate} ({self.computes_in})"
+        shown = self.computes_in is not None and not self.candidate.endswith(f"-{self.computes_in}")
+        name = f"{self.candidate} ({self.computes_in})" if shown else self.candidate
         return name if self.precision == "fp32" else f"{name} {self.precision}"
 
     @property

@@ -107,14 +107,14 @@ def child_arguments(settings: Settings, precision: str, json_path: str, peer: st
 
 def run_child(settings: Settings, precision: str, progress: bool = True, peer: str | None = None) -> dict:
     """Time the plan at `precision` (or `peer`'s rows) in a fresh interpreter; its `--json` results."""
-    from bt_plugin.tools.bench.peers import PEER_PROCESS_ENVIRONMENT
+    from bt_plugin.tools.bench.peers import peer_environment
 
     with tempfile.TemporaryDirectory(prefix="bt_plugin_bench_child_") as tmp:
         target = os.path.join(tmp, "results.json")
         command = [sys.executable, "-m", "bt_plugin", "bench", *child_arguments(settings, precision, target, peer)]
         if not progress:
             command.append("--no-progress")
-        environment = {**os.environ, **PEER_PROCESS_ENVIRONMENT} if peer else None
+        environment = {**os.environ, **peer_environment(peer)} if peer else None
         done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=None if progress else subprocess.PIPE,
                               text=True, env=environment)
         if not os.path.exists(target):

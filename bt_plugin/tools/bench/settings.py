@@ -255,9 +255,9 @@ def make_settings(shapes, workloads, candidates, repeats, quick, memory, text_ba
                   precisions=None, precision: str = "fp32", peers=None, peer: str | None = None) -> Settings:
     """Validate the choices and fill in the defaults (`quick` changes shapes, repeats, text batches,
     the sweep's length, memory and threads; `peers=None`: the installed ones)."""
-    from bt_plugin.tools.bench.peers import PEERS, installed_peers
+    from bt_plugin.tools.bench.peers import PEERS, default_peers, installed_peers
 
-    peers = installed_peers() if peers is None else tuple(peers)
+    peers = default_peers() if peers is None else tuple(peers)
     shapes = tuple(shapes or (QUICK_PLAN if quick else DEFAULT_SHAPES))
     candidates = tuple(dict.fromkeys(["stock", *(candidates or CANDIDATES)]))  # stock is the reference
     precisions = tuple(dict.fromkeys(["fp32", *(precisions or ())]))
@@ -270,7 +270,8 @@ def make_settings(shapes, workloads, candidates, repeats, quick, memory, text_ba
             raise ValueError(f"unknown {kind} {', '.join(unknown)}; valid: {', '.join(public)}")
     missing = [name for name in peers if name not in installed_peers()]
     if missing:
-        raise ValueError(f"peer {', '.join(missing)} is not installed: pip install 'bt-plugin[peers]'")
+        raise ValueError(f"peer {', '.join(missing)} is not installed: pip install 'bt-plugin[peers]' "
+                         "(the inductor peers need a C++ compiler on PATH)")
     for workload in workloads or ():
         if not any(SHAPES[shape].serves(workload) for shape in shapes):
             serving = [name for name, shape in SHAPES.items() if shape.public and shape.serves(workload)]

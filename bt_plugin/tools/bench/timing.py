@@ -86,10 +86,11 @@ def check_exactness(case: Case, models: dict[str, nn.Module], rows: dict[str, Ca
 
 
 def peer_precision(name: str, model: nn.Module) -> str | None:
-    """What a peer reports computing in (OpenVINO's compiled precision), unless its name already says
-    so (`openvino-f32`); None for the candidates and the peers that do not report one."""
+    """What a peer reports computing in (OpenVINO's compiled precision, inductor's `f32` or `bf16`); None
+    for the candidates, the peers that report none, and float32 where the name already says so
+    (`openvino-f32`)."""
     reported = getattr(model, "computes_in", None)
-    return None if reported is None or name.endswith(f"-{reported}") else reported
+    return None if reported is None or (reported == "f32" and name.endswith("-f32")) else reported
 
 
 def time_run(model: nn.Module, case: Case, passes: int = 1, precision: str = "fp32") -> float:
@@ -231,7 +232,12 @@ def run_peer_shape(shape: str, cases: list[Case], settings: Settings, source: st
         model = peer_model(settings.peer, base_model(stock), Path(tmp), settings.threads)
         for case in cases:
             bar.set_description(f"{shape} {case.workload} {settings.peer}")
+            warm_up = getattr(model, "warm_up", None)
+            if warm_up is not None:  # a compiling peer compiles this case's shapes before it is timed
+                warm_up(case.batches)
             results.append(time_case(case, {settings.peer: model}, settings.repeats, bar, stock))
+            if warm_up is not None:
+                results[-1].rows[0].warm_up_s = model.warm_up_s
         del model
     del stock
     gc.collect()
