@@ -403,3 +403,39 @@ def test_a_layer_whose_return_convention_cannot_be_observed_runs_stock(model_dir
     assert_fell_back(conv, before, "return convention could not be observed")
     assert "one token is not enough" in reports(conv)[0].reason
     assert BertLayer not in calls._returns  # a failed probe is not remembered as an answer
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_parameters_made_under_inference_mode_are_refused_with_the_reason_and_stay_stock(model_dir, precision):
+    """Parameters created under torch.inference_mode() count no versions and cannot be re-pointed into one
+    q/k/v storage (before: the fused kernel raised reading their versions, and a converted layer's own
+    linears raised inside stock's code): convert names the reason (strict) or leaves the model stock
+    (strict=False); a converted model deep-copied under inference mode runs stock per call, with the
+    reason, equal to stock, its parameters untouched."""
+    import copy
+
+    from bt_plugin.dispatch.eligibility import INFERENCE_PARAMETERS
+
+    ids, mask = padded_batch(LENGTHS)
+    loaded = load(model_dir)
+    with torch.inference_mode():  # (from_pretrained there still makes plain parameters)
+        made_there = copy.deepcopy(loaded)
+    assert made_there.encoder.layer[0].output.dense.weight.is_inference()
+    with pytest.raises(ValueError, match="inference tensors"):
+        bt_plugin.convert(made_there, precision=precision)
+    assert not bt_plugin.is_converted(bt_plugin.convert(made_there, precision=precision, strict=False))
+    stock, converted = pair(model_dir)
+    bt_plugin.convert(converted, precision=precision)
+    with torch.inference_mode():
+        copied = copy.deepcopy(converted)
+        want = stock(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = copied(input_ids=ids, attention_mask=mask).last_hidden_state
+    query = copied.encoder.layer[0].attention.self.query.weight
+    assert query.is_inference() and counts(copied) == [(0, 1)] * LAYERS
+    assert all(layer.reason == INFERENCE_PARAMETERS for layer in bt_plugin.explain(copied).layers)
+    if precision == "fp32":
+        assert max_diff_on_real(got, want, mask) <= TOL
+    else:  # the stock forward under the precision's autocast
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            want = stock(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert max_diff_on_real(got.float(), want.float(), mask) <= 1e-2

@@ -62,7 +62,16 @@ def structure_reason(layer: nn.Module, spec: EncoderSpec, roles: dict | None = N
     for role in ("query", "key", "value", "out_proj"):
         if tuple(roles[role].weight.shape) != (embed, embed):
             return f"{getattr(spec, role)} had weight shape {tuple(roles[role].weight.shape)}, expected ({embed}, {embed})"
+    if any(param.is_inference() for param in layer.parameters()):
+        return INFERENCE_PARAMETERS
     return None
+
+
+# Parameters made under torch.inference_mode() (a model created or loaded there) count no versions and
+# cannot be re-pointed into one q/k/v storage: a fused kernel could neither hold q/k/v once nor see an
+# in-place change to a derived copy's source.
+INFERENCE_PARAMETERS = ("its parameters were inference tensors (the model was created or loaded under "
+                        "torch.inference_mode()): create or load it outside inference mode to fuse it")
 
 
 def layer_code_serves_now(layer: nn.Module, spec: EncoderSpec) -> str | None:
